@@ -1,0 +1,34 @@
+# gptlab: `make help` lists the targets.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Where a local CPU build of torch lies on disk (as on the project's CI machines), install it
+# instead of letting pip fetch the multi-GB CUDA build; elsewhere pip picks the platform's torch.
+LOCAL_TORCH_WHEEL := $(firstword $(wildcard /opt/wheels/torch-*+cpu-*.whl))
+export GPTLAB_DATA_MIRROR ?= $(abspath ../shared/data)
+
+.PHONY: help install train test lint clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(if $(LOCAL_TORCH_WHEEL),$(BIN)/pip install $(LOCAL_TORCH_WHEEL))
+	$(BIN)/pip install -e '.[dev]'
+
+install: $(BIN)/python  ## create .venv and install gptlab with its dependencies
+
+train: install  ## prepare Tiny Shakespeare and train the default model
+	$(BIN)/python train.py $(ARGS)
+
+test: install  ## run the test suite
+	$(BIN)/python -m pytest $(ARGS)
+
+lint: install  ## ruff
+	$(BIN)/ruff check .
+
+clean:  ## remove caches and build files (keeps logs/ and data/)
+	rm -rf .pytest_cache .ruff_cache build src/*.egg-info
+	find . -name __pycache__ -prune -exec rm -rf {} +

@@ -1,0 +1,65 @@
+"""Shared fixtures: the offline data mirror, a scratch workspace, and real training runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+# Tests read the data sets from a local mirror, never from the network.
+if "GPTLAB_DATA_MIRROR" not in os.environ and SHARED_DATA.is_dir():
+    os.environ["GPTLAB_DATA_MIRROR"] = str(SHARED_DATA)
+os.environ.setdefault("WANDB_MODE", "offline")
+
+
+def run_entry(script: str, *args: str, cwd: Path | None = None, expect_rc: int = 0,
+              env: dict | None = None) -> str:
+    """Run a top-level entry point in a fresh Python process; return stdout + stderr."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / script), *args], cwd=cwd or REPO, capture_output=True,
+        text=True, timeout=600, env={**os.environ, **(env or {})},
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == expect_rc, f"exit {proc.returncode}:\n{output[-4000:]}"
+    return output
+
+
+def start_entry(script: str, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(REPO / script), *args], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@dataclass
+class Workspace:
+    root: Path
+
+    @property
+    def args(self) -> list[str]:
+        """Overrides that keep runs and caches of a test session in its scratch folder."""
+        return [f"paths.root_dir={self.root}", f"paths.cache_dir={self.root / 'cache'}"]
+
+
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory) -> Workspace:
+    return Workspace(tmp_path_factory.mktemp("workspace"))
+
+
+@pytest.fixture(scope="session")
+def trained_runs(workspace) -> list[tuple[Path, str]]:
+    """Two identical short runs started at the same moment: [(run folder, output), ...]."""
+    args = (*workspace.args, "model=nano", "debug=fast", "logger=csv", "hardware=cpu")
+    run_entry("train.py", *args, "trainer.max_steps=1")  # prepare the cache once
+    procs = [start_entry("train.py", *args) for _ in range(2)]
+    runs = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out[-4000:]
+        runs.append((Path(out.split("run folder: ")[-1].strip()), out))
+    return runs

@@ -1,0 +1,60 @@
+"""Every option of every config group composes, and configs build what they name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from gptlab.models.gpt import GPTConfig
+from gptlab.utils.config import register_resolvers
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+GROUPS = ["task", "model", "data", "trainer", "hardware", "logger", "callbacks", "debug"]
+REQUIRED = {"data=text_files": ["data.source.paths=[a.txt]"],
+            "data=hf_dataset": ["data.source.path=json"]}
+
+
+def options(group: str) -> list[str]:
+    """A group's selectable options; files starting with '_' are shared bases, not options."""
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml") if not p.stem.startswith("_"))
+
+
+def compose_train(*overrides: str):
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+ALL = [f"{group}={option}" for group in GROUPS for option in options(group)]
+
+
+@pytest.mark.parametrize("override", ALL)
+def test_every_option_composes_and_resolves(override):
+    cfg = compose_train(override, *REQUIRED.get(override, []))
+    tree = {key: OmegaConf.to_container(cfg[key], resolve=True) for key in ("model", "data",
+            "trainer", "task", "logger", "callbacks", "paths")}
+    assert tree["trainer"]["max_steps"] > 0
+    assert tree["data"]["block_size"] == tree["model"]["block_size"]
+
+
+@pytest.mark.parametrize("size", options("model"))
+def test_model_sizes_build_a_config(size):
+    config = instantiate(compose_train(f"model={size}").model, vocab_size=50304)
+    assert isinstance(config, GPTConfig) and config.n_embd % config.n_head == 0
+
+
+def test_model_sizes_have_the_documented_shapes():
+    shapes = {s: (c.n_layer, c.n_head, c.n_embd, c.block_size) for s, c in (
+        (s, compose_train(f"model={s}").model) for s in options("model"))}
+    assert shapes["small"] == (6, 6, 384, 256)
+    assert shapes["gpt1"] == (12, 12, 768, 512) and shapes["gpt2"] == (12, 12, 768, 1024)
+    assert shapes["gpt2_medium"][:3] == (24, 16, 1024)

@@ -1,0 +1,119 @@
+"""The real entry points, run as a user runs them: train, then evaluate and generate."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import run_entry
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def column(rows: list[dict], name: str) -> list[float]:
+    return [float(r[name]) for r in rows if r.get(name)]
+
+
+def test_train_writes_a_complete_run_folder(trained_runs):
+    run, out = trained_runs[0]
+    assert (run / ".hydra" / "config.yaml").is_file()
+    assert (run / "tokenizer.json").is_file() and (run / "model_config.json").is_file()
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert list((run / "checkpoints").glob("best-*.ckpt"))
+    rows = read_metrics(run)
+    for name in ("train/loss", "train/lr", "train/tokens", "train/elapsed_s",
+                 "train/tokens_per_s", "val/loss", "val/ppl", "val/bpb", "val/tokens",
+                 "val/elapsed_s", "val_full/loss"):
+        assert column(rows, name), f"{name} missing from metrics.csv"
+    results = json.loads((run / "results.json").read_text())
+    assert results["steps"] == 6
+    assert f"run folder: {run}" in out and "val_full/loss" in out
+
+
+def test_runs_started_together_get_their_own_folders_and_same_seed_same_curve(trained_runs):
+    (a, _), (b, _) = trained_runs
+    assert a != b
+    assert column(read_metrics(a), "train/loss") == column(read_metrics(b), "train/loss")
+    assert column(read_metrics(a), "val/loss") == column(read_metrics(b), "val/loss")
+
+
+def test_checkpoint_loads_weights_only_and_carries_config_and_tokenizer(trained_runs):
+    run, _ = trained_runs[0]
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    artifacts = ckpt["gptlab"]
+    assert artifacts["task"] == "pretrain"
+    assert artifacts["model_config"]["n_layer"] == 3
+    assert json.loads(artifacts["tokenizer"]) == json.loads((run / "tokenizer.json").read_text())
+
+
+def test_evaluate_reproduces_the_logged_val_loss(trained_runs, tmp_path):
+    run, _ = trained_runs[0]
+    out = run_entry("evaluate.py", f"run={run}", cwd=tmp_path)
+    results = json.loads((run / "results.json").read_text())
+    written = json.loads(next(run.glob("evaluation-best-*.json")).read_text())
+    assert written["val/loss"] == pytest.approx(results["val/loss"], abs=1e-3)
+    assert written["val_full/loss"] == pytest.approx(results["val_full/loss"], abs=1e-4)
+    assert written["val_full/ppl"] == pytest.approx(torch.tensor(written["val_full/loss"]).exp().item(), rel=1e-4)
+    assert "whole split" in out and "val_full" in out
+
+
+def test_generate_prints_samples_that_continue_the_prompt(trained_runs, tmp_path):
+    run, _ = trained_runs[0]
+    out = run_entry("generate.py", f"run={run}", "prompt=ROMEO:", "num_samples=3",
+                    "max_new_tokens=20", cwd=tmp_path)
+    samples = [line for line in out.splitlines() if line.startswith("ROMEO:")]
+    assert len(samples) >= 3
+
+
+def test_generate_is_reproducible_with_a_seed(trained_runs, tmp_path):
+    run, _ = trained_runs[0]
+    args = (f"run={run}", "prompt=KING", "num_samples=2", "max_new_tokens=30", "seed=7")
+    assert run_entry("generate.py", *args, cwd=tmp_path) == run_entry(
+        "generate.py", *args, cwd=tmp_path)
+
+
+@pytest.mark.slow
+def test_resume_continues_from_a_checkpoint(trained_runs, workspace):
+    run, _ = trained_runs[0]
+    out = run_entry("train.py", *workspace.args, "model=nano", "debug=fast", "logger=csv",
+                    f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "trainer.max_steps=9")
+    resumed = Path(out.split("run folder: ")[-1].strip())
+    steps = column(read_metrics(resumed), "step")
+    assert min(steps) >= 6 and json.loads((resumed / "results.json").read_text())["steps"] == 9
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes(workspace):
+    out = run_entry("train.py", *workspace.args, "model=nano", "debug=fast", "logger=csv",
+                    "hardware=ddp_cpu")
+    run = Path(out.split("run folder: ")[-1].strip())
+    assert list((run / "checkpoints").glob("best-*.ckpt"))
+    # Both processes share one stream of steps: 6 optimizer steps, not 12.
+    assert json.loads((run / "results.json").read_text())["steps"] == 6
+
+
+@pytest.mark.slow
+def test_wandb_runs_offline_without_a_login(workspace, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(workspace.root))  # no ~/.netrc: not logged in
+    out = run_entry("train.py", *workspace.args, "model=nano", "debug=fast", "logger=many")
+    run = Path(out.split("run folder: ")[-1].strip())
+    assert list((run / "wandb").glob("offline-run-*"))
+    assert column(read_metrics(run), "val/loss")
+
+
+@pytest.mark.slow
+def test_bpe_data_and_another_model_size_compose_and_run(workspace):
+    out = run_entry("train.py", *workspace.args, "model=micro", "data=shakespeare_bpe",
+                    "data.vocab_size=512", "hardware=cpu", "logger=csv", "debug=fast",
+                    "model.block_size=32")
+    run = Path(out.split("run folder: ")[-1].strip())
+    assert json.loads((run / "model_config.json").read_text())["vocab_size"] == 512
