@@ -5,7 +5,10 @@ BIN := $(VENV)/bin
 # Where a local CPU build of torch lies on disk (as on the project's CI machines), install it
 # instead of letting pip fetch the multi-GB CUDA build; elsewhere pip picks the platform's torch.
 LOCAL_TORCH_WHEEL := $(firstword $(wildcard /opt/wheels/torch-*+cpu-*.whl))
+# Offline copies of the data sets, where this checkout has them beside it (as on CI).
+ifneq ($(wildcard ../shared/data/tinyshakespeare),)
 export GPTLAB_DATA_MIRROR ?= $(abspath ../shared/data)
+endif
 
 .PHONY: help install train test lint clean
 

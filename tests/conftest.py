@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -29,6 +30,11 @@ def run_entry(script: str, *args: str, cwd: Path | None = None, expect_rc: int =
     output = proc.stdout + proc.stderr
     assert proc.returncode == expect_rc, f"exit {proc.returncode}:\n{output[-4000:]}"
     return output
+
+
+def run_folder(output: str) -> Path:
+    """The run folder that train.py reports on its last line of standard output."""
+    return Path(re.findall(r"^run folder: (.+)$", output, re.MULTILINE)[-1])
 
 
 def start_entry(script: str, *args: str) -> subprocess.Popen:
@@ -61,5 +67,5 @@ def trained_runs(workspace) -> list[tuple[Path, str]]:
     for proc in procs:
         out, _ = proc.communicate(timeout=600)
         assert proc.returncode == 0, out[-4000:]
-        runs.append((Path(out.split("run folder: ")[-1].strip()), out))
+        runs.append((run_folder(out), out))
     return runs

@@ -1,0 +1,540 @@
+"""A GPT-style decoder-only language model in one file, after Karpathy's nanoGPT.
+
+The building blocks (norms, rotary embedding, attention, MLP, block, KV cache) are separate
+modules configured by `GPTConfig`, so other architectures can reuse them without going through
+`GPT`. The no-cache, no-mask training path is kept as lean as nanoGPT's because it is what every
+training step runs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gptlab.errors import UserError
+
+POS_EMBS = ("learned", "rope")
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "swiglu")
+
+
+@dataclass
+class GPTConfig:
+    """Model hyperparameters; plain fields only, so `dataclasses.asdict` round-trips it."""
+
+    vocab_size: int = 65
+    block_size: int = 256  # context length: the most tokens the model ever attends over
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    dropout: float = 0.0
+    bias: bool = False  # bias in Linear and LayerNorm layers (RMSNorm never has one)
+    pos_emb: str = "learned"  # "learned" | "rope"
+    norm: str = "layernorm"  # "layernorm" | "rmsnorm"
+    mlp: str = "gelu"  # "gelu" | "swiglu"
+    # None picks a width that gives both MLP kinds about the same parameter count; see mlp_width.
+    mlp_hidden: int | None = None
+    rope_base: float = 10000.0
+    tie_weights: bool = True
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("pos_emb", POS_EMBS), ("norm", NORMS), ("mlp", MLPS)):
+            value = getattr(self, name)
+            if value not in allowed:
+                raise UserError(
+                    f"model config: {name}={value!r} is unknown; use one of {', '.join(allowed)}"
+                )
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) < 1:
+                raise UserError(
+                    f"model config: {name}={getattr(self, name)} must be a positive integer"
+                )
+        if self.mlp_hidden is not None and self.mlp_hidden < 1:
+            raise UserError(
+                f"model config: mlp_hidden={self.mlp_hidden} must be positive, or null for "
+                "the default width"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"model config: dropout={self.dropout} must be in [0, 1)")
+        if self.n_embd % self.n_head != 0:
+            raise UserError(
+                f"model config: n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
+                "pick n_embd as a multiple of n_head"
+            )
+        if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2 != 0:
+            raise UserError(
+                f"model config: pos_emb='rope' needs an even head size, but n_embd/n_head = "
+                f"{self.n_embd}/{self.n_head} = {self.n_embd // self.n_head}; change n_embd or "
+                "n_head"
+            )
+        if self.rope_base <= 0:
+            raise UserError(f"model config: rope_base={self.rope_base} must be positive")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def mlp_width(self) -> int:
+        """Hidden width of the MLP.
+
+        GELU uses GPT-2's 4 * n_embd, i.e. 8 * n_embd^2 weights. SwiGLU has three matrices, so
+        8/3 * n_embd gives the same count; it is rounded up to a multiple of 64 for efficient
+        matmuls, which is exact for n_embd = 384 (1024) and a few percent more elsewhere.
+        """
+        if self.mlp_hidden is not None:
+            return self.mlp_hidden
+        if self.mlp == "gelu":
+            return 4 * self.n_embd
+        return -(-8 * self.n_embd // (3 * 64)) * 64
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Zhang & Sennrich 2019): LayerNorm without centring or bias."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+
+def make_norm(config: GPTConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.n_embd)
+    return nn.LayerNorm(config.n_embd, bias=config.bias)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (i, i + head_dim/2) of x (..., T, head_dim) by position angles."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # the cache is fp32; keep bf16 models in bf16
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (Su et al. 2021), with cos/sin precomputed up to max_len."""
+
+    def __init__(self, head_dim: int, max_len: int, base: float = 10000.0) -> None:
+        super().__init__()
+        inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+        # Not persistent: derived from the config, so checkpoints need not carry them.
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(
+        self, seq_len: int, *, offset: int = 0, position_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for positions offset..offset+seq_len-1, or for per-row position_ids (B, T).
+
+        The result broadcasts against q and k of shape (B, n_head, T, head_dim).
+        """
+        if position_ids is None:
+            return self.cos[offset : offset + seq_len], self.sin[offset : offset + seq_len]
+        return self.cos[position_ids].unsqueeze(1), self.sin[position_ids].unsqueeze(1)
+
+
+class KVCache:
+    """Keys and values of past positions for every layer, preallocated to max_len.
+
+    Each attention layer writes its new keys/values at `length` through `update`; the caller
+    (GPT.forward) advances `length` once all layers have seen the new tokens.
+    """
+
+    def __init__(
+        self,
+        n_layer: int,
+        batch_size: int,
+        n_head: int,
+        max_len: int,
+        head_dim: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        shape = (batch_size, n_head, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.max_len = max_len
+        self.length = 0
+
+    def update(
+        self, layer_idx: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, n_head, T, head_dim) after the past; return all keys and values."""
+        end = self.length + k.size(2)
+        self.k[layer_idx][:, :, self.length : end] = k
+        self.v[layer_idx][:, :, self.length : end] = v
+        return self.k[layer_idx][:, :, :end], self.v[layer_idx][:, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+
+def reference_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """softmax(Q K^T / sqrt(d_k)) V written out, to check the fused kernel against.
+
+    mask is boolean, True where a query may attend to a key; None means causal.
+    """
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
+    if mask is None:
+        mask = torch.ones(q.size(-2), k.size(-2), dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return F.softmax(scores, dim=-1) @ v
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int = 0) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx  # which KVCache slot this layer owns
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+        # q, k, v in one matmul: fewer, larger kernels.
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """x (B, T, C) -> (B, T, C).
+
+        mask: boolean (B or 1, 1, T, S), True where a query may attend to a key. None means
+        plain causal attention, which is only right when there is no past or T == 1 (a single
+        new query sees every cached key); GPT.forward builds a mask otherwise.
+        """
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            # Without a mask, the is_causal flag lets SDPA pick its fused kernels.
+            is_causal=mask is None and T > 1,
+        )
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    """GPT-2's GELU MLP, or SwiGLU (Shazeer 2020): silu(x W) * (x V), then the output matrix."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        hidden = config.mlp_width
+        self.swiglu = config.mlp == "swiglu"
+        # SwiGLU's gate and value projections are fused into one matmul.
+        fc_out = 2 * hidden if self.swiglu else hidden
+        self.c_fc = nn.Linear(config.n_embd, fc_out, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.c_fc(x)
+        if self.swiglu:
+            gate, value = h.chunk(2, dim=-1)
+            h = F.silu(gate) * value
+        else:
+            h = F.gelu(h)
+        return self.dropout(self.c_proj(h))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: the residual stream itself is never normalised."""
+
+    def __init__(self, config: GPTConfig, layer_idx: int = 0) -> None:
+        super().__init__()
+        self.ln_1 = make_norm(config)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = make_norm(config)
+        self.mlp = MLP(config)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope=rope, mask=mask, kv_cache=kv_cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = (
+            nn.Embedding(config.block_size, config.n_embd) if config.pos_emb == "learned" else None
+        )
+        self.rope = (
+            RotaryEmbedding(config.head_dim, config.block_size, config.rope_base)
+            if config.pos_emb == "rope"
+            else None
+        )
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.ln_f = make_norm(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_weights:
+            # Input and output token representations share one matrix (Press & Wolf 2017).
+            self.lm_head.weight = self.wte.weight
+
+        self.apply(self._init_weights)
+        # GPT-2: scale the projections that write into the residual stream so its variance
+        # does not grow with depth (2 writes per layer).
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; non_embedding follows nanoGPT and drops the position table.
+
+        With tied weights the token table stays counted because it doubles as the output
+        layer. Untied, it is a pure lookup, so it is dropped too (lm_head stays counted).
+        """
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            if self.wpe is not None:
+                n -= self.wpe.weight.numel()
+            if not self.config.tie_weights:
+                n -= self.wte.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Forward + backward FLOPs per trained token (PaLM appendix B, nanoGPT's estimate_mfu).
+
+        6N for the weight matmuls (2 forward, 4 backward per parameter, N non-embedding) plus
+        12 * n_layer * n_embd * T for the attention scores and weighted sum over T positions.
+        seq_len defaults to block_size.
+        """
+        T = self.config.block_size if seq_len is None else seq_len
+        return 6 * self.num_params() + 12 * self.config.n_layer * self.config.n_embd * T
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        return_hidden: bool = False,
+    ) -> torch.Tensor:
+        """Token ids (B, T) -> logits (B, T, vocab), or final-norm hidden states (B, T, C).
+
+        attention_mask (B, past + T): True/1 for real tokens, False/0 for padding keys.
+        position_ids (B, T): per-row positions, for left-padded batches; default counts on
+        from the cache length. kv_cache: idx holds only the new tokens, which are appended.
+        """
+        if idx.size(1) > self.config.block_size:
+            raise UserError(
+                f"input has {idx.size(1)} tokens but the model's block_size is "
+                f"{self.config.block_size}; crop the input or train with a larger block_size"
+            )
+        T = idx.size(1)
+        past = 0 if kv_cache is None else kv_cache.length
+        if kv_cache is not None and past + T > kv_cache.max_len:
+            raise UserError(
+                f"KV cache holds {past} tokens and cannot take {T} more (max_len "
+                f"{kv_cache.max_len}); start a new cache or crop the input"
+            )
+
+        x = self.wte(idx)
+        if self.wpe is not None:
+            if position_ids is None:
+                position_ids = torch.arange(past, past + T, device=idx.device)
+            x = x + self.wpe(position_ids)
+        rope = None if self.rope is None else self.rope(T, offset=past, position_ids=position_ids)
+        x = self.drop(x)
+
+        mask = None
+        if attention_mask is not None or (past > 0 and T > 1):
+            mask = self._attention_mask(attention_mask, T, past, idx.device)
+        for block in self.blocks:
+            x = block(x, rope=rope, mask=mask, kv_cache=kv_cache)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        x = self.ln_f(x)
+        return x if return_hidden else self.lm_head(x)
+
+    @staticmethod
+    def _attention_mask(
+        attention_mask: torch.Tensor | None, T: int, past: int, device: torch.device
+    ) -> torch.Tensor:
+        """Causal mask over past + T keys, minus padding keys, as (B or 1, 1, T, past + T)."""
+        q_pos = torch.arange(past, past + T, device=device)[:, None]
+        k_pos = torch.arange(past + T, device=device)[None, :]
+        mask = k_pos <= q_pos
+        if attention_mask is not None:
+            # A padding query would see no key at all and produce NaNs that leak through
+            # 0 * NaN in later layers' attention; letting it see itself keeps it finite.
+            mask = (mask & attention_mask.bool()[:, None, None, :]) | (k_pos == q_pos)
+        return mask if mask.dim() == 4 else mask[None, None]
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        stop_token: int | None = None,
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> list[list[int]]:
+        """Continue each prompt by up to max_new_tokens; return only the new tokens per row.
+
+        Prompts may differ in length: they are left-padded, with padding masked out and
+        positions counted per row, so each row gets what it would get alone. temperature 0 is
+        greedy. A row that emits stop_token ends there, the stop token included in its output
+        (so callers can tell it from a row that ran out of budget). The model sees at most the
+        last block_size tokens; the KV cache is used while the whole sequence fits and dropped
+        for a full forward over the last block_size tokens after, so use_cache never changes the
+        result.
+        """
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise UserError("generate: every prompt needs at least one token")
+        if temperature < 0:
+            raise UserError(f"generate: temperature={temperature} must be >= 0 (0 is greedy)")
+        if top_k is not None and top_k < 1:
+            raise UserError(f"generate: top_k={top_k} must be >= 1, or None for no top-k")
+        if top_p is not None and not 0.0 < top_p <= 1.0:
+            raise UserError(f"generate: top_p={top_p} must be in (0, 1], or None for no top-p")
+
+        was_training = self.training
+        self.eval()
+        try:
+            return self._generate(
+                prompts, max_new_tokens, temperature, top_k, top_p, stop_token, use_cache, generator
+            )
+        finally:
+            self.train(was_training)
+
+    def _generate(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        temperature: float,
+        top_k: int | None,
+        top_p: float | None,
+        stop_token: int | None,
+        use_cache: bool,
+        generator: torch.Generator | None,
+    ) -> list[list[int]]:
+        device = self.wte.weight.device
+        block_size = self.config.block_size
+        B, L = len(prompts), max(len(p) for p in prompts)
+        idx = torch.zeros(B, L, dtype=torch.long, device=device)
+        real = torch.zeros(B, L, dtype=torch.bool, device=device)
+        for i, p in enumerate(prompts):
+            idx[i, L - len(p) :] = torch.tensor(p, dtype=torch.long, device=device)
+            real[i, L - len(p) :] = True
+        # Equal-length prompts need no mask, which keeps SDPA on its fast path.
+        padded = min(len(p) for p in prompts) != L
+
+        out: list[list[int]] = [[] for _ in range(B)]
+        done = [False] * B
+        cache = None
+        for _ in range(max_new_tokens):
+            if use_cache and idx.size(1) <= block_size:
+                if cache is None:
+                    cache = KVCache(
+                        self.config.n_layer,
+                        B,
+                        self.config.n_head,
+                        block_size,
+                        self.config.head_dim,
+                        device=device,
+                        dtype=self.wte.weight.dtype,
+                    )
+                new = idx.size(1) - cache.length
+                feed, mask = idx[:, -new:], real
+            else:
+                # The window slides from here on, so keys cached at old positions are stale.
+                feed, mask = idx[:, -block_size:], real[:, -block_size:]
+                cache = None
+            positions = None
+            if padded:
+                # Position 0 is each row's first real token, as if it had never been padded.
+                positions = (mask.long().cumsum(1) - 1).clamp(min=0)[:, -feed.size(1) :]
+            hidden = self(
+                feed,
+                attention_mask=mask if padded else None,
+                position_ids=positions,
+                kv_cache=cache,
+                return_hidden=True,
+            )
+            logits = self.lm_head(hidden[:, -1, :])
+            next_token = sample(logits, temperature, top_k, top_p, generator)
+
+            for i, t in enumerate(next_token.tolist()):
+                if not done[i]:
+                    out[i].append(t)
+                    done[i] = t == stop_token
+            if all(done):
+                break
+            idx = torch.cat((idx, next_token[:, None]), dim=1)
+            real = torch.cat((real, torch.ones(B, 1, dtype=torch.bool, device=device)), dim=1)
+        return out
+
+
+def sample(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Pick one token id per row of logits (B, vocab); temperature 0 means argmax."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = F.softmax(sorted_logits, dim=-1)
+        # Drop a token once the more likely ones already reach top_p; the top one always stays.
+        drop = probs.cumsum(dim=-1) - probs >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
