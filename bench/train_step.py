@@ -84,7 +84,8 @@ def lightning_loop(dm: LMDataModule, steps: int, out: Path) -> float:
     trainer = L.Trainer(
         accelerator="cpu", devices=1, precision="32-true", max_steps=WARMUP_STEPS + steps,
         limit_val_batches=0, gradient_clip_val=1.0, log_every_n_steps=25,
-        logger=L.pytorch.loggers.CSVLogger(out), callbacks=[clock], default_root_dir=out,
+        logger=L.pytorch.loggers.CSVLogger(out), default_root_dir=out,
+        callbacks=[clock, L.pytorch.callbacks.TQDMProgressBar(refresh_rate=10)],
         enable_checkpointing=False, enable_model_summary=False,
     )
     trainer.fit(task, datamodule=dm)

@@ -15,7 +15,8 @@ from gptlab.models.gpt import GPTConfig
 from gptlab.utils.config import register_resolvers
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
-GROUPS = ["task", "model", "data", "trainer", "hardware", "logger", "callbacks", "debug"]
+GROUPS = ["task", "model", "data", "trainer", "hardware", "logger", "callbacks", "debug",
+          "experiment"]
 REQUIRED = {"data=text_files": ["data.source.paths=[a.txt]"],
             "data=hf_dataset": ["data.source.path=json"]}
 

@@ -118,3 +118,21 @@ def test_bpe_data_and_another_model_size_compose_and_run(workspace):
                     "model.block_size=32")
     run = run_folder(out)
     assert json.loads((run / "model_config.json").read_text())["vocab_size"] == 512
+
+
+@pytest.mark.slow
+def test_own_text_files_and_a_hugging_face_dataset_train(workspace, tmp_path):
+    sentence = "The quick brown fox jumps over the lazy dog while {} cats watch.\n"
+    for i in range(2):
+        (tmp_path / f"notes{i}.txt").write_text("".join(sentence.format(n) for n in range(300)))
+    common = (*workspace.args, "model=nano", "debug=fast", "logger=csv", "data.vocab_size=300")
+    out = run_entry("train.py", *common, "data=text_files",
+                    f"data.source.paths=[{tmp_path}/notes*.txt]")
+    assert json.loads((run_folder(out) / "results.json").read_text())["val_full/loss"] > 0
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"text": sentence.format(n)}) + "\n" for n in range(600)))
+    out = run_entry("train.py", *common, "data=hf_dataset", "data.source.path=json",
+                    f"data.source.data_files={rows}",
+                    env={"HF_DATASETS_CACHE": str(tmp_path / "hf"), "HF_DATASETS_OFFLINE": "1"})
+    assert json.loads((run_folder(out) / "model_config.json").read_text())["vocab_size"] <= 300
