@@ -10,18 +10,20 @@ ifneq ($(wildcard ../shared/data/tinyshakespeare),)
 export GPTLAB_DATA_MIRROR ?= $(abspath ../shared/data)
 endif
 
-.PHONY: help install train test lint clean
+.PHONY: help install train test lint bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
-$(BIN)/python:
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --upgrade pip
-	$(if $(LOCAL_TORCH_WHEEL),$(BIN)/pip install $(LOCAL_TORCH_WHEEL))
-	$(BIN)/pip install -e '.[dev]'
+# Reinstalls when the dependencies change.
+$(VENV)/.installed: requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(if $(LOCAL_TORCH_WHEEL),$(BIN)/pip install --quiet $(LOCAL_TORCH_WHEEL))
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
 
-install: $(BIN)/python  ## create .venv and install gptlab with its dependencies
+install: $(VENV)/.installed  ## create .venv and install gptlab with its dependencies
 
 train: install  ## prepare Tiny Shakespeare and train the default model
 	$(BIN)/python train.py $(ARGS)
@@ -31,6 +33,10 @@ test: install  ## run the test suite
 
 lint: install  ## ruff
 	$(BIN)/ruff check .
+
+bench: install  ## speed benchmarks: training step vs plain PyTorch, generation with/without KV cache
+	$(BIN)/python bench/train_step.py
+	$(BIN)/python bench/generate_speed.py
 
 clean:  ## remove caches and build files (keeps logs/ and data/)
 	rm -rf .pytest_cache .ruff_cache build src/*.egg-info

@@ -56,6 +56,7 @@ def test_model_sizes_build_a_config(size):
 def test_model_sizes_have_the_documented_shapes():
     shapes = {s: (c.n_layer, c.n_head, c.n_embd, c.block_size) for s, c in (
         (s, compose_train(f"model={s}").model) for s in options("model"))}
-    assert shapes["small"] == (6, 6, 384, 256)
+    assert shapes["nano"] == (3, 3, 48, 64) and shapes["micro"][:3] == (4, 4, 128)
+    assert shapes["mini"][:3] == (6, 6, 192) and shapes["small"] == (6, 6, 384, 256)
     assert shapes["gpt1"] == (12, 12, 768, 512) and shapes["gpt2"] == (12, 12, 768, 1024)
     assert shapes["gpt2_medium"][:3] == (24, 16, 1024)

@@ -38,13 +38,16 @@ class Checkpoint:
     def tokenizer(self) -> Tokenizer:
         return Tokenizer.from_str(self.artifacts["tokenizer"])
 
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The GPT's state dict (the task module keeps the model under `model.`)."""
+        prefix = "model."
+        return {k[len(prefix):]: v for k, v in self.contents["state_dict"].items()
+                if k.startswith(prefix)}
+
     def model(self) -> GPT:
         """The GPT with this checkpoint's weights, in eval mode."""
         model = GPT(GPTConfig(**self.artifacts["model_config"]))
-        prefix = "model."
-        weights = {k[len(prefix):]: v for k, v in self.contents["state_dict"].items()
-                   if k.startswith(prefix)}
-        model.load_state_dict(weights)
+        model.load_state_dict(self.weights())
         return model.eval()
 
 

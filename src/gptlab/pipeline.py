@@ -105,14 +105,14 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         model_config=art["model_config"], optimizer={}, scheduler={},
         val_bytes_per_token=datamodule.bytes_per_token(cfg.split),
     )
-    task.model.load_state_dict(ckpt.model().state_dict())
+    task.model.load_state_dict(ckpt.weights())
     trainer: L.Trainer = instantiate(
         cfg.trainer, logger=False, callbacks=[], devices=1, strategy="auto",
         enable_checkpointing=False, enable_model_summary=False,
     )
     results = {}
-    for name, windows in (("fixed", datamodule.val_windows), ("full", None)):
-        task.eval_prefix = cfg.split if name == "fixed" else f"{cfg.split}_full"
+    for prefix, windows in ((cfg.split, datamodule.val_windows), (f"{cfg.split}_full", None)):
+        task.eval_prefix = prefix
         loader = datamodule.eval_dataloader(cfg.split, windows)
         results |= _metrics(trainer.validate(task, dataloaders=loader, verbose=False))
     _print_table(results, cfg.split)
