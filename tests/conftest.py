@@ -42,6 +42,15 @@ def start_entry(script: str, *args: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.fixture(scope="session")
+def shakespeare() -> str:
+    """The text of Tiny Shakespeare, from the data mirror."""
+    path = Path(os.environ.get("GPTLAB_DATA_MIRROR", "")) / "tinyshakespeare" / "input.txt"
+    if not path.is_file():
+        pytest.skip("set GPTLAB_DATA_MIRROR to the shared data folder")
+    return path.read_text(encoding="utf-8")
+
+
 @dataclass
 class Workspace:
     root: Path

@@ -17,14 +17,6 @@ SMALL = ["The quick brown fox jumps over the lazy dog.\n" * 40, "Pack my box wit
 
 
 @pytest.fixture(scope="module")
-def shakespeare() -> str:
-    path = Path(os.environ.get("GPTLAB_DATA_MIRROR", "")) / "tinyshakespeare" / "input.txt"
-    if not path.is_file():
-        pytest.skip("set GPTLAB_DATA_MIRROR to the shared data folder")
-    return path.read_text(encoding="utf-8")
-
-
-@pytest.fixture(scope="module")
 def shakespeare_corpus(shakespeare, tmp_path_factory) -> corpus.PreparedCorpus:
     cache = tmp_path_factory.mktemp("cache")
     return prepare_corpus([shakespeare], name="shakespeare", source_key="k", cache_dir=cache,

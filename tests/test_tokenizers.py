@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -18,14 +15,6 @@ SAMPLES = [
     "emoji 🙂👍🏽 and flags 🇫🇷",
     "a\n\nb  c\t\td \r\n e   \n\n\n  \t",
 ]
-
-
-@pytest.fixture(scope="module")
-def shakespeare() -> str:
-    path = Path(os.environ.get("GPTLAB_DATA_MIRROR", "")) / "tinyshakespeare" / "input.txt"
-    if not path.is_file():
-        pytest.skip("set GPTLAB_DATA_MIRROR to the shared data folder")
-    return path.read_text(encoding="utf-8")
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,176 @@
+"""The LightningDataModule for language modeling: packed token files in, (x, y) windows out.
+
+Training draws random windows (like nanoGPT's get_batch). Batch i is drawn from a generator
+seeded by (seed, rank, i), so the sampler's whole state is the batch index: a resumed run
+can continue the same stream. Evaluation uses fixed, non-overlapping windows so that
+`val/loss` of two runs is measured on identical tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from gptlab.data.corpus import PreparedCorpus, prepare_corpus
+from gptlab.data.tokenizers import Tokenizer
+from gptlab.errors import UserError
+
+IGNORE_INDEX = -1  # target id that the loss skips (tokens already scored by another window)
+
+
+class RandomWindows(IterableDataset):
+    """An endless stream of batches of random (x, y) windows from one token array."""
+
+    def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int,
+                 rank: int = 0, start_batch: int = 0):
+        self.tokens, self.block_size, self.batch_size = tokens, block_size, batch_size
+        self.seed, self.rank, self.start_batch = seed, rank, start_batch
+        self.span = np.arange(block_size)
+
+    def batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, self.rank, index])
+        starts = rng.integers(0, len(self.tokens) - self.block_size, size=self.batch_size)
+        index = starts[:, None] + self.span
+        x = torch.from_numpy(self.tokens[index].astype(np.int64))
+        y = torch.from_numpy(self.tokens[index + 1].astype(np.int64))
+        return x, y
+
+    def __iter__(self):
+        for index in itertools.count(self.start_batch):
+            yield self.batch(index)
+
+
+def window_starts(n_tokens: int, block_size: int) -> np.ndarray:
+    """Starts of non-overlapping windows covering every target token exactly once.
+
+    The last window is aligned to the end of the split; the targets it shares with the
+    window before it are masked out, so nothing is scored twice and nothing is dropped.
+    """
+    last = n_tokens - block_size - 1
+    return np.unique(np.append(np.arange(0, last + 1, block_size), last))
+
+
+class FixedWindows(Dataset):
+    """Deterministic evaluation windows: all of them, or `max_windows` evenly spaced ones."""
+
+    def __init__(self, tokens: np.ndarray, block_size: int, max_windows: int | None = None):
+        self.tokens, self.block_size = tokens, block_size
+        starts = window_starts(len(tokens), block_size)
+        # The first target position of each window that no earlier window has scored.
+        self.first_new = np.maximum(0, np.append(0, starts[:-1] + block_size) - starts)
+        if max_windows and max_windows < len(starts):
+            keep = np.unique(np.linspace(0, len(starts) - 1, max_windows).round().astype(int))
+            starts, self.first_new = starts[keep], self.first_new[keep]
+        self.starts = starts
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        start = self.starts[i]
+        window = torch.from_numpy(
+            self.tokens[start : start + self.block_size + 1].astype(np.int64)
+        )
+        y = window[1:].clone()
+        y[: self.first_new[i]] = IGNORE_INDEX
+        return window[:-1], y
+
+
+class LMDataModule(L.LightningDataModule):
+    """Prepares a corpus (cached) and serves training, validation and full-split windows."""
+
+    def __init__(
+        self,
+        name: str,
+        source,
+        block_size: int,
+        batch_size: int,
+        tokenizer: str | Tokenizer = "char",
+        vocab_size: int | None = None,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.0,
+        cleaning: dict | None = None,
+        val_windows: int | None = 100,
+        eval_batch_size: int | None = None,
+        cache_dir: str = "data/cache",
+        seed: int = 0,
+        num_workers: int = 0,
+    ):
+        super().__init__()
+        self.name, self.source = name, source
+        self.block_size, self.batch_size = block_size, batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.tokenizer_spec, self.vocab_size_wanted = tokenizer, vocab_size
+        self.val_fraction, self.test_fraction = val_fraction, test_fraction
+        self.cleaning = dict(cleaning or {})
+        self.val_windows, self.cache_dir = val_windows, Path(cache_dir)
+        self.seed, self.num_workers = seed, num_workers
+        self._corpus: PreparedCorpus | None = None
+
+    # -- corpus --------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        self.corpus  # noqa: B018  (prepares the cache on first access)
+
+    @property
+    def corpus(self) -> PreparedCorpus:
+        if self._corpus is None:
+            documents = self.source.documents()
+            key = hashlib.sha256("\x00".join(documents).encode()).hexdigest()
+            self._corpus = prepare_corpus(
+                documents, name=self.name, source_key=key, cache_dir=self.cache_dir,
+                tokenizer=self.tokenizer_spec, vocab_size=self.vocab_size_wanted,
+                val_fraction=self.val_fraction, test_fraction=self.test_fraction,
+                cleaning=self.cleaning,
+            )
+            self._check_lengths()
+        return self._corpus
+
+    def _check_lengths(self) -> None:
+        for split in self._corpus.splits:
+            n = len(self._corpus.tokens(split))
+            if n <= self.block_size:
+                raise UserError(
+                    f"the {split} split of corpus '{self.name}' has {n} tokens, too few for "
+                    f"windows of block_size={self.block_size}; use a larger corpus or a "
+                    f"smaller model.block_size"
+                )
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.corpus.tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self.corpus.tokenizer.vocab_size
+
+    def bytes_per_token(self, split: str = "val") -> float:
+        return self.corpus.bytes_per_token(split)
+
+    # -- loaders -------------------------------------------------------------------------
+    def train_dataloader(self) -> DataLoader:
+        rank, consumed = 0, 0
+        if self.trainer is not None:  # a resumed run continues the stream where it stopped
+            rank = self.trainer.global_rank
+            consumed = self.trainer.global_step * self.trainer.accumulate_grad_batches
+        stream = RandomWindows(self.corpus.tokens("train"), self.block_size, self.batch_size,
+                               self.seed, rank, consumed)
+        return DataLoader(stream, batch_size=None, num_workers=self.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.eval_dataloader("val", self.val_windows)
+
+    def eval_dataloader(self, split: str = "val", max_windows: int | None = None) -> DataLoader:
+        """Windows of one split; `max_windows=None` covers every token of the split."""
+        if split not in self.corpus.splits:
+            raise UserError(
+                f"corpus '{self.name}' has no '{split}' split; it has {self.corpus.splits}"
+            )
+        windows = FixedWindows(self.corpus.tokens(split), self.block_size, max_windows)
+        return DataLoader(windows, batch_size=self.eval_batch_size, shuffle=False,
+                          num_workers=self.num_workers)

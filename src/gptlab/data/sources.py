@@ -1,0 +1,274 @@
+"""Finding data files: a user's path, an offline mirror folder, an earlier download, or the web.
+
+Every known file has a pinned sha256, so a copy from any of these places is the same bytes.
+A mirror folder (env var GPTLAB_DATA_MIRROR) is laid out by `RemoteFile.relpath`, like
+shared/data; it lets tests, CI and offline machines use the real code path without a network.
+
+Archives: for a ".gz" URL the download is gunzipped; for a ".zip" URL `member` is extracted.
+In both cases the sha256 is that of the extracted file, which is what the mirror holds.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import http.client
+import os
+import shutil
+import tempfile
+import urllib.request
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from gptlab.errors import UserError
+
+MIRROR_ENV = "GPTLAB_DATA_MIRROR"
+OFFLINE_ENV = "GPTLAB_OFFLINE"  # set to 1 to never download (e.g. on compute nodes)
+DEFAULT_DOWNLOAD_DIR = Path.home() / ".cache" / "gptlab" / "data"
+TIMEOUT_S = 30
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """A public file pinned by content; `member` names the file inside a .zip download."""
+
+    relpath: str
+    url: str
+    sha256: str
+    member: str | None = None
+
+
+TINY_SHAKESPEARE = RemoteFile(
+    "tinyshakespeare/input.txt",
+    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+    "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+)
+
+# The hashes are those of the shared/data copies, whose rows match GLUE's SST-2 counts; they
+# have not been byte-compared with the zip's members, so a download that differs stops with a
+# checksum error (never silently different data). A copy can always be given as a path.
+_SST2_ZIP = "https://dl.fbaipublicfiles.com/glue/data/SST-2.zip"
+SST2_TRAIN = RemoteFile(
+    "sst2/train.tsv",
+    _SST2_ZIP,
+    "48eac26399f8456935f81dd9e3a745c1430adb6c62e233ccfe22db4a0d15d1d1",
+    member="SST-2/train.tsv",
+)
+SST2_DEV = RemoteFile(
+    "sst2/dev.tsv",
+    _SST2_ZIP,
+    "54a9c12c77e402fc14d6a66a506f24d999f596b0176eb777c972cccc2f9cc4b0",
+    member="SST-2/dev.tsv",
+)
+SST2_TEST = RemoteFile(
+    "sst2/test.tsv",
+    _SST2_ZIP,
+    "69a938605609b3e6663b4487918fe1565eb293734e6e520d0366d1d412fd2a13",
+    member="SST-2/test.tsv",
+)
+
+_MULTI30K_SHA256 = {
+    ("train", "en"): "460a15fbd157e34a7a9957ee388c1ca247fe47af3ef25fb50442af6c274e0fc6",
+    ("train", "de"): "2c2b73fd2b548fbcde3a875e0a78d6ee94d498bfdee6bd3eae3945779e9ddf72",
+    ("train", "fr"): "5925a3c18f1587b6b54b87743106e6e8ab93618edb6f65d19eac0621f853a10d",
+    ("val", "en"): "1f2a23d992769b5b3d209b0a10dd0b77c08cceb1f20dfb97ed0aafa49d107227",
+    ("val", "de"): "660e09eb7e1da2f856ea13ee5ad3cf6d36b3d5b0b733c857e94c5747a3dfc660",
+    ("val", "fr"): "5304e444d842e962b2dda4d816b70b22a1765b15401642b7ca37a67477e708dc",
+    ("test_2016_flickr", "en"): "399a4382932c1aadd3ceb9bef1008d388a64c76d4ae4e9d4728c6f4301cac182",
+    ("test_2016_flickr", "de"): "4be6b5b3236b79c25475c6bb829800a7ce559e9ba7a1f6c2394fe4d40be46d16",
+    ("test_2016_flickr", "fr"): "cb3160d69b002bb638e66cc7612fcd56cb0af82eadc9c142dedc438afb885ef6",
+}
+MULTI30K: dict[tuple[str, str], RemoteFile] = {
+    (split, lang): RemoteFile(
+        f"multi30k/{split}.{lang}",
+        f"https://github.com/multi30k/dataset/raw/master/data/task1/raw/{split}.{lang}.gz",
+        sha256,
+    )
+    for (split, lang), sha256 in _MULTI30K_SHA256.items()
+}
+
+# Every registered file by its relpath, e.g. "tinyshakespeare/input.txt" or "multi30k/train.de".
+KNOWN_FILES: dict[str, RemoteFile] = {
+    f.relpath: f for f in (TINY_SHAKESPEARE, SST2_TRAIN, SST2_DEV, SST2_TEST, *MULTI30K.values())
+}
+
+
+def locate(
+    file: RemoteFile, path: str | Path | None = None, download_dir: Path | None = None
+) -> Path:
+    """Return a local copy: the user's path, else the mirror, an earlier download, a new one.
+
+    A user's own path is trusted as is (it may be a deliberately different version); every
+    other copy must match the pinned sha256.
+    """
+    if path is not None:
+        return _user_path(Path(path), file)
+    mirrored = _mirror_copy(file)
+    if mirrored is not None:
+        return mirrored
+    target = Path(download_dir or DEFAULT_DOWNLOAD_DIR) / file.relpath
+    if target.is_file() and sha256_of(target) == file.sha256:
+        return target
+    _download(file, target)
+    return target
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_text(path: Path) -> str:
+    """Read a file as strict UTF-8, so that a wrongly encoded file fails here, not in training."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise UserError(f"cannot read {path} ({exc.strerror}); check the path") from exc
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"file {path} is not valid UTF-8 at byte {exc.start}; re-encode it as UTF-8"
+        ) from None
+
+
+def hf_texts(
+    path: str,
+    name: str | None,
+    split: str,
+    text_column: str,
+    data_files: str | list[str] | dict | None = None,
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+) -> list[str]:
+    """Load one text column of a HF dataset: a hub name, or "json"/"csv" with data_files."""
+    import datasets  # slow to import; only the HF path needs it
+
+    where = f"dataset {path!r}" + (f" (config {name!r})" if name else "") + f" split {split!r}"
+    try:
+        ds = datasets.load_dataset(
+            path,
+            name,
+            split=split,
+            data_files=data_files,
+            revision=revision,
+            cache_dir=None if cache_dir is None else str(cache_dir),
+        )
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"cannot load {where}: {reason}; check the name, config, split and network "
+            "(or HF_DATASETS_OFFLINE with a filled cache)"
+        ) from exc
+    if text_column not in ds.column_names:
+        raise UserError(
+            f"{where} has no column {text_column!r}; available columns: "
+            f"{', '.join(ds.column_names)}; set text_column to one of them"
+        )
+    return [str(text) for text in ds[text_column]]
+
+
+def _user_path(path: Path, file: RemoteFile) -> Path:
+    if not path.is_file():
+        raise UserError(
+            f"data file {path} (given for {file.relpath}) does not exist; fix the path, "
+            f"or leave it unset to use {MIRROR_ENV} or a download"
+        )
+    return path
+
+
+def _mirror_copy(file: RemoteFile) -> Path | None:
+    mirror = os.environ.get(MIRROR_ENV)
+    if not mirror:
+        return None
+    candidate = Path(mirror) / file.relpath
+    if not candidate.is_file():
+        return None
+    actual = sha256_of(candidate)
+    if actual != file.sha256:
+        raise UserError(
+            f"mirror copy {candidate} has sha256 {actual}, expected {file.sha256}; "
+            f"replace it with the file from {file.url} or unset {MIRROR_ENV}"
+        )
+    return candidate
+
+
+def _download(file: RemoteFile, target: Path) -> None:
+    """Fetch into temp files next to target and move into place only once the hash matches."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as tmp:
+        raw = Path(tmp) / "raw"
+        _fetch(file, raw)
+        extracted = Path(tmp) / "extracted"
+        _extract(file, raw, extracted)
+        actual = sha256_of(extracted)
+        if actual != file.sha256:
+            raise UserError(
+                f"download of {file.relpath} from {file.url} has sha256 {actual}, expected "
+                f"{file.sha256}; the file changed upstream or was corrupted: retry, or set "
+                f"{MIRROR_ENV} to a folder with a good copy of {file.relpath}"
+            )
+        os.replace(extracted, target)
+
+
+def _fetch(file: RemoteFile, dest: Path) -> None:
+    if os.environ.get(OFFLINE_ENV, "") not in ("", "0"):
+        raise UserError(
+            f"{file.relpath} is not available offline ({OFFLINE_ENV} is set, so {file.url} "
+            f"is not downloaded); set {MIRROR_ENV} to a folder that holds {file.relpath}, or "
+            "pass the file's path"
+        )
+    try:
+        with urllib.request.urlopen(file.url, timeout=TIMEOUT_S) as response, open(dest, "wb") as f:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(
+                total=total,
+                unit="B",
+                unit_scale=True,
+                desc=f"download {file.relpath}",
+                disable=total is not None and total < 4 * _CHUNK,
+            ) as bar:
+                while chunk := response.read(_CHUNK):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+    except (OSError, http.client.HTTPException) as exc:
+        raise UserError(
+            f"cannot download {file.relpath} from {file.url} ({_reason(exc)}); without a "
+            f"network, set {MIRROR_ENV} to a folder that holds {file.relpath}, or pass the "
+            "file's path"
+        ) from exc
+
+
+def _extract(file: RemoteFile, raw: Path, dest: Path) -> None:
+    try:
+        if file.member is not None:
+            with zipfile.ZipFile(raw) as archive, archive.open(file.member) as src:
+                _copy(src, dest)
+        elif file.url.endswith(".gz"):
+            with gzip.open(raw, "rb") as src:
+                _copy(src, dest)
+        else:
+            os.replace(raw, dest)
+    except (gzip.BadGzipFile, zlib.error, EOFError, KeyError, zipfile.BadZipFile) as exc:
+        raise UserError(
+            f"download of {file.relpath} from {file.url} is not a readable archive "
+            f"({_reason(exc)}); retry, or set {MIRROR_ENV} to a folder with {file.relpath}"
+        ) from exc
+
+
+def _copy(src, dest: Path) -> None:
+    with open(dest, "wb") as out:
+        shutil.copyfileobj(src, out, _CHUNK)
+
+
+def _reason(exc: BaseException) -> str:
+    reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+    return str(reason).splitlines()[0]
