@@ -84,10 +84,11 @@ def _save_run_files(run_dir: Path, task: LanguageModelingTask) -> None:
 def _report_training(results: dict, best: str, steps: int, run_dir: Path) -> None:
     summary = {"best_checkpoint": best or None, "steps": steps, **results}
     (run_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    parts = [f"val_full/loss {results['val_full/loss']:.4f} (whole val split)",
+             f"val_full/bpb {results['val_full/bpb']:.4f}"]
     if results["val/loss"] is not None:
-        print(f"\nval/loss {results['val/loss']:.4f} (best checkpoint, fixed val windows)", end="")
-    print(f" | val_full/loss {results['val_full/loss']:.4f} (whole val split)"
-          f" | val_full/bpb {results['val_full/bpb']:.4f}\nrun folder: {run_dir}")
+        parts.insert(0, f"val/loss {results['val/loss']:.4f} (best checkpoint, fixed val windows)")
+    print("\n" + " | ".join(parts) + f"\nrun folder: {run_dir}")
 
 
 def _open_checkpoint(cfg: DictConfig) -> Checkpoint:
