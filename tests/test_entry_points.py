@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from gptlab.reporting.compare import compare
 from tests.conftest import run_entry, run_folder
 
 
@@ -136,3 +137,24 @@ def test_own_text_files_and_a_hugging_face_dataset_train(workspace, tmp_path):
                     f"data.source.data_files={rows}",
                     env={"HF_DATASETS_CACHE": str(tmp_path / "hf"), "HF_DATASETS_OFFLINE": "1"})
     assert json.loads((run_folder(out) / "model_config.json").read_text())["vocab_size"] <= 300
+
+
+@pytest.mark.slow
+def test_a_multirun_sweep_writes_one_folder_per_run_and_one_wandb_group(workspace, tmp_path):
+    out = run_entry("train.py", "-m", *workspace.args, "model=nano", "debug=fast",
+                    "logger=many", "task.optimizer.lr=1e-3,3e-3", "data.batch_size=4,8")
+    runs = [Path(line.split(": ", 1)[1]) for line in out.splitlines()
+            if line.startswith("run folder: ")]
+    sweep = runs[0].parent
+    assert len(set(runs)) == 4 and all(run.parent == sweep for run in runs)
+    group = f"pretrain-{sweep.name}".encode()
+    for run in runs:
+        assert list((run / "checkpoints").glob("best-*.ckpt"))
+        assert json.loads((run / "results.json").read_text())["steps"] == 6
+        (wandb_run,) = (run / "wandb").glob("offline-run-*/run-*.wandb")  # one run per job
+        assert group in wandb_run.read_bytes()
+
+    rows = compare([str(sweep)], out=tmp_path)
+    assert sorted(row["run"] for row in rows) == [
+        "task.optimizer.lr=0.001 data.batch_size=4", "task.optimizer.lr=0.001 data.batch_size=8",
+        "task.optimizer.lr=0.003 data.batch_size=4", "task.optimizer.lr=0.003 data.batch_size=8"]

@@ -14,6 +14,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
@@ -68,6 +69,8 @@ def train(cfg: DictConfig) -> float | None:
     ))
     for logger in loggers:
         logger.finalize("success")
+        if isinstance(logger, WandbLogger):
+            logger.experiment.finish()  # the next job of a multirun starts a run of its own
     monitored = trainer.checkpoint_callback.best_model_score if best else None
     results = {"val/loss": None if monitored is None else float(monitored), **final}
     if trainer.is_global_zero:

@@ -105,24 +105,26 @@ def summarize(run: Run, label: str) -> dict:
         "params": run.params,
         "steps": int(max(run.column("step"), default=0)),
         "tokens": None if tokens is None else int(tokens),
-        "wall_s": None if wall is None else round(wall, 1),
+        "wall_s": wall,
         "best val/loss": min(val, default=None),
         "final val/loss": run.last("val/loss"),
         "val_full/loss": run.last("val_full/loss"),
     }
 
 
-def _cell(value) -> str:
+def _cell(column: str, value) -> str:
     if value is None:
         return "-"
     if isinstance(value, int):
         return f"{value:,}"
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
+    if isinstance(value, float):
+        return f"{value:.1f}" if column == "wall_s" else f"{value:.4f}"
+    return str(value)
 
 
 def write_table(rows: list[dict], out: Path) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_cell(row[c]) for c in COLUMNS) + " |" for row in rows]
+    lines += ["| " + " | ".join(_cell(c, row[c]) for c in COLUMNS) + " |" for row in rows]
     table = "\n".join(lines) + "\n"
     (out / "comparison.md").write_text(table)
     with open(out / "comparison.csv", "w", newline="") as f:

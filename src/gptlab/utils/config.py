@@ -24,6 +24,13 @@ def wandb_offline() -> bool:
         return True
 
 
+def wandb_group(mode: object, task_name: str, sweep_dir: str) -> str:
+    """Runs of one multirun share a W&B group named after the sweep folder."""
+    if str(mode).endswith("MULTIRUN"):
+        return f"{task_name}-{os.path.basename(sweep_dir)}"
+    return task_name
+
+
 def auto_precision() -> str:
     """bf16 mixed precision on a GPU that has it; fp32 elsewhere (fp16 on CPU is very slow)."""
     import torch
@@ -39,6 +46,7 @@ def register_resolvers() -> None:
         "run_suffix": lambda: _RUN_SUFFIX,
         "wandb_offline": wandb_offline,
         "auto_precision": auto_precision,
+        "wandb_group": wandb_group,
     }
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):
