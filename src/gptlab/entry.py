@@ -8,14 +8,14 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import hydra
+
 from gptlab.errors import UserError
 from gptlab.utils.config import register_resolvers
 
 
 def hydra_entry(script: str, config_name: str, fn: Callable) -> Callable[[], None]:
     """Wrap `fn(cfg)` as a Hydra main whose user errors print one line and exit 2."""
-    import hydra
-
     root = Path(script).resolve().parent
     os.environ.setdefault("GPTLAB_ROOT", str(root))  # logs/ and data/ live beside train.py
     register_resolvers()

@@ -35,8 +35,9 @@ def auto_precision() -> str:
     """bf16 mixed precision on a GPU that has it; fp32 elsewhere (fp16 on CPU is very slow)."""
     import torch
 
-    return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() \
-        else "32-true"
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
 
 
 def register_resolvers() -> None:
