@@ -31,10 +31,6 @@ class Checkpoint:
         return self.contents[CHECKPOINT_KEY]
 
     @property
-    def task(self) -> str:
-        return self.artifacts["task"]
-
-    @property
     def tokenizer(self) -> Tokenizer:
         return Tokenizer.from_str(self.artifacts["tokenizer"])
 
