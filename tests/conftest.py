@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import re
 import subprocess
@@ -35,6 +36,12 @@ def run_entry(script: str, *args: str, cwd: Path | None = None, expect_rc: int =
 def run_folder(output: str) -> Path:
     """The run folder that train.py reports on its last line of standard output."""
     return Path(re.findall(r"^run folder: (.+)$", output, re.MULTILINE)[-1])
+
+
+def metrics_column(run: Path, name: str) -> list[float]:
+    """Every value of `name` in a run's csv/metrics.csv, in order."""
+    with open(run / "csv" / "metrics.csv") as f:
+        return [float(row[name]) for row in csv.DictReader(f) if row.get(name)]
 
 
 def start_entry(script: str, *args: str) -> subprocess.Popen:

@@ -8,11 +8,7 @@ from pathlib import Path
 import pytest
 
 from gptlab.reporting.compare import compare, labels, load_run, main
-
-
-def csv_column(run: Path, name: str) -> list[float]:
-    with open(run / "csv" / "metrics.csv") as f:
-        return [float(row[name]) for row in csv.DictReader(f) if row.get(name)]
+from tests.conftest import metrics_column
 
 
 def test_table_and_plot_match_the_runs_metrics(trained_runs, tmp_path):
@@ -24,10 +20,10 @@ def test_table_and_plot_match_the_runs_metrics(trained_runs, tmp_path):
         written = list(csv.DictReader(f))
     for run, row, saved in zip(runs, rows, written, strict=True):
         assert row["run"] == run.name  # identical overrides: runs are named by folder
-        assert row["best val/loss"] == min(csv_column(run, "val/loss"))
-        assert row["final val/loss"] == csv_column(run, "val/loss")[-1]
-        assert row["val_full/loss"] == csv_column(run, "val_full/loss")[-1]
-        assert row["tokens"] == csv_column(run, "train/tokens")[-1]
+        assert row["best val/loss"] == min(metrics_column(run, "val/loss"))
+        assert row["final val/loss"] == metrics_column(run, "val/loss")[-1]
+        assert row["val_full/loss"] == metrics_column(run, "val_full/loss")[-1]
+        assert row["tokens"] == metrics_column(run, "train/tokens")[-1]
         assert row["steps"] == 6 and row["params"] > 0
         assert float(saved["best val/loss"]) == pytest.approx(row["best val/loss"])
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from pathlib import Path
@@ -11,16 +10,7 @@ import pytest
 import torch
 
 from gptlab.reporting.compare import compare
-from tests.conftest import run_entry, run_folder
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    with open(run_dir / "csv" / "metrics.csv") as f:
-        return list(csv.DictReader(f))
-
-
-def column(rows: list[dict], name: str) -> list[float]:
-    return [float(r[name]) for r in rows if r.get(name)]
+from tests.conftest import metrics_column, run_entry, run_folder
 
 
 def test_train_writes_a_complete_run_folder(trained_runs):
@@ -29,11 +19,10 @@ def test_train_writes_a_complete_run_folder(trained_runs):
     assert (run / "tokenizer.json").is_file() and (run / "model_config.json").is_file()
     assert (run / "checkpoints" / "last.ckpt").is_file()
     assert list((run / "checkpoints").glob("best-*.ckpt"))
-    rows = read_metrics(run)
     for name in ("train/loss", "train/lr", "train/tokens", "train/elapsed_s",
                  "train/tokens_per_s", "val/loss", "val/ppl", "val/bpb", "val/tokens",
                  "val/elapsed_s", "val_full/loss"):
-        assert column(rows, name), f"{name} missing from metrics.csv"
+        assert metrics_column(run, name), f"{name} missing from metrics.csv"
     results = json.loads((run / "results.json").read_text())
     assert results["steps"] == 6
     assert f"run folder: {run}" in out and "val_full/loss" in out
@@ -42,8 +31,8 @@ def test_train_writes_a_complete_run_folder(trained_runs):
 def test_runs_started_together_get_their_own_folders_and_same_seed_same_curve(trained_runs):
     (a, _), (b, _) = trained_runs
     assert a != b
-    assert column(read_metrics(a), "train/loss") == column(read_metrics(b), "train/loss")
-    assert column(read_metrics(a), "val/loss") == column(read_metrics(b), "val/loss")
+    assert metrics_column(a, "train/loss") == metrics_column(b, "train/loss")
+    assert metrics_column(a, "val/loss") == metrics_column(b, "val/loss")
 
 
 def test_checkpoint_loads_weights_only_and_carries_config_and_tokenizer(trained_runs):
@@ -87,7 +76,7 @@ def test_resume_continues_from_a_checkpoint(trained_runs, workspace):
     out = run_entry("train.py", *workspace.args, "model=nano", "debug=fast", "logger=csv",
                     f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "trainer.max_steps=9")
     resumed = run_folder(out)
-    steps = column(read_metrics(resumed), "step")
+    steps = metrics_column(resumed, "step")
     assert min(steps) >= 6 and json.loads((resumed / "results.json").read_text())["steps"] == 9
 
 
@@ -109,7 +98,7 @@ def test_wandb_runs_offline_without_a_login(workspace, monkeypatch):
     out = run_entry("train.py", *workspace.args, "model=nano", "debug=fast", "logger=many")
     run = run_folder(out)
     assert list((run / "wandb").glob("offline-run-*"))
-    assert column(read_metrics(run), "val/loss")
+    assert metrics_column(run, "val/loss")
 
 
 @pytest.mark.slow

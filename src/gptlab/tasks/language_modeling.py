@@ -73,7 +73,6 @@ class LanguageModelingTask(L.LightningModule):
         loss = lm_loss(self.model(x), y)
         self._window_loss += loss.detach()
         self._window_batches += 1
-        self.tokens_seen += y.numel() * self.trainer.world_size
         return loss
 
     def on_train_start(self) -> None:
@@ -87,9 +86,11 @@ class LanguageModelingTask(L.LightningModule):
         which at nanoGPT's CPU shape would be several percent of a training step.
         """
         now = time.perf_counter()
+        tokens = batch[1].numel() * self.trainer.world_size
+        self.tokens_seen += tokens
         if self._step_clock is not None:
             self._window_time += now - self._step_clock
-            self._window_tokens += batch[1].numel() * self.trainer.world_size
+            self._window_tokens += tokens
         self._step_clock = now
         self.elapsed_s = now - self._fit_started
         step = self.trainer.global_step
