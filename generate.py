@@ -3,7 +3,7 @@
 from gptlab.entry import hydra_entry
 from gptlab.pipeline import generate
 
-main = hydra_entry(__file__, "generate", generate)
+main = hydra_entry(__file__, "generate", generate, literal_keys=("text", "prompt"))
 
 if __name__ == "__main__":
     main()

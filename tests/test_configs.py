@@ -18,7 +18,10 @@ CONF = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ["task", "model", "data", "trainer", "hardware", "logger", "callbacks", "debug",
           "experiment"]
 REQUIRED = {"data=text_files": ["data.source.paths=[a.txt]"],
-            "data=hf_dataset": ["data.source.path=json"]}
+            "data=hf_dataset": ["data.source.path=json"],
+            "data=labeled_files": ["data.source.files.train=a.tsv", "data.source.files.val=b.tsv"],
+            "data=parallel_text": ["data.source.files.train=[a.en,a.de]",
+                                   "data.source.files.val=[b.en,b.de]"]}
 
 
 def options(group: str) -> list[str]:

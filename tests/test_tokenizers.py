@@ -90,7 +90,7 @@ def test_long_text_encodes_as_in_one_pass(shakespeare, kind):
 def test_unknown_kind_and_too_small_bpe_vocab_are_user_errors():
     with pytest.raises(UserError, match="'wordpiece'.*char, bpe"):
         train_tokenizer("wordpiece", ["abc"])
-    with pytest.raises(UserError, match="vocab_size >= 257"):
+    with pytest.raises(UserError, match="vocab_size >= 258"):
         train_tokenizer("bpe", ["abc"], vocab_size=100)
     with pytest.raises(UserError, match="empty"):
         train_tokenizer("char", [""])

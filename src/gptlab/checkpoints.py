@@ -17,7 +17,8 @@ import torch
 from gptlab.data.tokenizers import Tokenizer
 from gptlab.errors import UserError
 from gptlab.models.gpt import GPT, GPTConfig
-from gptlab.tasks.language_modeling import CHECKPOINT_KEY
+
+CHECKPOINT_KEY = "gptlab"  # what a checkpoint carries besides the weights (GPTTask.artifacts)
 
 
 @dataclass
@@ -46,6 +47,18 @@ class Checkpoint:
         model.load_state_dict(self.weights())
         return model.eval()
 
+    def task(self):
+        """The whole task module (GPT plus any head), rebuilt from its hyperparameters."""
+        from gptlab.tasks import TASKS  # tasks import this module
+
+        task_class = TASKS[self.artifacts["task"]]
+        hparams = dict(self.contents.get("hyper_parameters", {}))
+        hparams |= {"init_from": None, "compile": False}  # the weights come from here
+        task = task_class(**hparams, tokenizer=self.tokenizer,
+                          data_config=self.artifacts.get("data_config"))
+        task.load_state_dict(self.contents["state_dict"])
+        return task.eval()
+
 
 def find_checkpoint(run: str | None = None, ckpt: str | None = None) -> tuple[Path, Path | None]:
     """(checkpoint file, run folder) from `ckpt=FILE` or `run=FOLDER` (its best checkpoint)."""
@@ -69,6 +82,18 @@ def find_checkpoint(run: str | None = None, ckpt: str | None = None) -> tuple[Pa
         )
     # The checkpoint callback keeps one best file (save_top_k=1) besides last.ckpt.
     return (best or candidates)[-1], run_dir
+
+
+def load_pretrained(init_from: str) -> Checkpoint:
+    """The checkpoint that `task.init_from` names: a checkpoint file or a run folder."""
+    path = Path(str(init_from)).expanduser()
+    if not path.exists():
+        raise UserError(
+            f"task.init_from={init_from} does not exist; pass a checkpoint file or a "
+            f"pretraining run folder (logs/pretrain/runs/...)"
+        )
+    found, run_dir = find_checkpoint(run=str(path)) if path.is_dir() else (path, None)
+    return load_checkpoint(found, run_dir)
 
 
 def load_checkpoint(path: Path, run_dir: Path | None = None) -> Checkpoint:

@@ -18,9 +18,11 @@ from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from gptlab.checkpoints import Checkpoint, find_checkpoint, load_checkpoint
+from gptlab.checkpoints import Checkpoint, find_checkpoint, load_checkpoint, load_pretrained
+from gptlab.data.sources import read_text
+from gptlab.data.tokenizers import KINDS, Tokenizer
 from gptlab.errors import UserError
-from gptlab.tasks.language_modeling import LanguageModelingTask
+from gptlab.tasks.base import GPTTask
 from gptlab.utils.config import flatten, to_yaml
 
 log = logging.getLogger("gptlab")
@@ -36,18 +38,18 @@ def _metrics(trainer_output: list[dict]) -> dict[str, float]:
 
 
 def train(cfg: DictConfig) -> float | None:
-    """Prepare data, build the model, fit, then score the best checkpoint on the whole split."""
+    """Prepare data, build the model, fit, then score the last and the best weights."""
     log.info("Config:\n%s", to_yaml(cfg))
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.paths.output_dir)
 
-    datamodule = instantiate(cfg.data)
+    datamodule = instantiate(cfg.data, **_pretrained_tokenizer(cfg))
     datamodule.prepare_data()
     model_config = instantiate(cfg.model, vocab_size=datamodule.vocab_size)
     task = instantiate(
         cfg.task, _convert_="all", _recursive_=False, model_config=asdict(model_config),
-        tokenizer=datamodule.tokenizer, val_bytes_per_token=datamodule.bytes_per_token("val"),
-        data_config=OmegaConf.to_container(cfg.data, resolve=True),
+        tokenizer=datamodule.tokenizer, data_config=OmegaConf.to_container(cfg.data, resolve=True),
+        **datamodule.task_arguments(),
     )
     loggers = _instantiate_all(cfg.get("logger"))
     trainer: L.Trainer = instantiate(
@@ -62,36 +64,58 @@ def train(cfg: DictConfig) -> float | None:
     trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
 
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-    task.eval_prefix = "val_full"
-    final = _metrics(trainer.validate(
-        task, dataloaders=datamodule.eval_dataloader("val"), ckpt_path=best or None,
-        verbose=False,
-    ))
+    final = {}
+    # The whole validation split: first the weights training ended with, then the best ones.
+    for prefix, ckpt_path in (("val_last", None), ("val_full", best or None)):
+        task.eval_prefix = prefix
+        final |= _metrics(trainer.validate(task, dataloaders=datamodule.eval_dataloader("val"),
+                                           ckpt_path=ckpt_path, verbose=False))
     for logger in loggers:
         logger.finalize("success")
         if isinstance(logger, WandbLogger):
             logger.experiment.finish()  # the next job of a multirun starts a run of its own
     monitored = trainer.checkpoint_callback.best_model_score if best else None
-    results = {"val/loss": None if monitored is None else float(monitored), **final}
+    metric = cfg.optimized_metric
+    results = {metric: None if monitored is None else float(monitored), **final}
     if trainer.is_global_zero:
-        _report_training(results, best, trainer.global_step, run_dir)
-    return results.get(cfg.optimized_metric)
+        _report_training(task, results, metric, best, trainer.global_step, run_dir)
+    return results.get(metric)
 
 
-def _save_run_files(run_dir: Path, task: LanguageModelingTask) -> None:
+def _pretrained_tokenizer(cfg: DictConfig) -> dict:
+    """With task.init_from, the data is tokenized by the pretrained run's tokenizer."""
+    init_from = cfg.task.get("init_from")
+    if not init_from:
+        return {}
+    tokenizer = load_pretrained(init_from).tokenizer
+    given = cfg.data.get("tokenizer")
+    is_path = isinstance(given, str) and given not in KINDS  # else a kind to train
+    if is_path and Tokenizer.load(given).to_str() != tokenizer.to_str():
+        raise UserError(
+            f"data.tokenizer={given} differs from the tokenizer of task.init_from="
+            f"{init_from}; a pretrained model only works with its own tokenizer: drop "
+            f"data.tokenizer or point it at the pretraining run's tokenizer.json"
+        )
+    return {"tokenizer": tokenizer}
+
+
+def _save_run_files(run_dir: Path, task: GPTTask) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     task.tokenizer.save(run_dir / "tokenizer.json")
     (run_dir / "model_config.json").write_text(json.dumps(task.hparams.model_config, indent=2))
 
 
-def _report_training(results: dict, best: str, steps: int, run_dir: Path) -> None:
+def _report_training(task: GPTTask, results: dict, metric: str, best: str, steps: int,
+                     run_dir: Path) -> None:
     summary = {"best_checkpoint": best or None, "steps": steps, **results}
     (run_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
-    parts = [f"val_full/loss {results['val_full/loss']:.4f} (whole val split)",
-             f"val_full/bpb {results['val_full/bpb']:.4f}"]
-    if results["val/loss"] is not None:
-        parts.insert(0, f"val/loss {results['val/loss']:.4f} (best checkpoint, fixed val windows)")
-    print("\n" + " | ".join(parts) + f"\nrun folder: {run_dir}")
+    parts = [f"{prefix}/{name} {results[f'{prefix}/{name}']:.4f}"
+             for prefix in ("val_full", "val_last") for name in task.summary_metrics]
+    lines = [f"{metric} {results[metric]:.4f} (best validation, selects the checkpoint)"
+             if results[metric] is not None else f"{metric}: no validation ran",
+             " | ".join(parts[: len(task.summary_metrics)]) + " (best checkpoint, whole val split)",
+             " | ".join(parts[len(task.summary_metrics) :]) + " (last step, whole val split)"]
+    print("\n" + "\n".join(lines) + f"\nrun folder: {run_dir}")
 
 
 def _open_checkpoint(cfg: DictConfig) -> Checkpoint:
@@ -100,53 +124,87 @@ def _open_checkpoint(cfg: DictConfig) -> Checkpoint:
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
-    """Score a checkpoint on the fixed validation windows and on the whole split."""
+    """Score a checkpoint on a split with its task's metrics; print and save a report."""
     ckpt = _open_checkpoint(cfg)
-    art = ckpt.artifacts
-    data_cfg = cfg.data if cfg.get("data") else OmegaConf.create(art["data_config"])
+    task = ckpt.task()
+    if cfg.get("beam_size") and hasattr(task.hparams, "beam_size"):
+        task.hparams.beam_size = cfg.beam_size
+    data_cfg = cfg.data if cfg.get("data") else OmegaConf.create(ckpt.artifacts["data_config"])
     datamodule = instantiate(data_cfg, tokenizer=ckpt.tokenizer)
-    task = LanguageModelingTask(
-        model_config=art["model_config"], optimizer={}, scheduler={},
-        val_bytes_per_token=datamodule.bytes_per_token(cfg.split),
-    )
-    task.model.load_state_dict(ckpt.weights())
+    split = cfg.split or task.default_eval_split
     trainer: L.Trainer = instantiate(
         cfg.trainer, logger=False, callbacks=[], devices=1, strategy="auto",
         enable_checkpointing=False, enable_model_summary=False,
     )
     results = {}
-    for prefix, windows in ((cfg.split, datamodule.val_windows), (f"{cfg.split}_full", None)):
+    for prefix, loader in task.evaluation_passes(datamodule, split):
         task.eval_prefix = prefix
-        loader = datamodule.eval_dataloader(cfg.split, windows)
         results |= _metrics(trainer.validate(task, dataloaders=loader, verbose=False))
-    _print_table(results, cfg.split)
-    out = _evaluation_file(ckpt)
-    out.write_text(json.dumps({"checkpoint": str(ckpt.path), **results}, indent=2) + "\n")
+    print("\n" + task.report(results, split))
+    out = _evaluation_file(ckpt, split)
+    report = {"checkpoint": str(ckpt.path), "split": split, **results,
+              **task.evaluation_details()}
+    out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     print(f"written to {out}")
     return results
 
 
-def _evaluation_file(ckpt: Checkpoint) -> Path:
+def _evaluation_file(ckpt: Checkpoint, split: str) -> Path:
     folder = ckpt.run_dir or ckpt.path.parent
-    return folder / f"evaluation-{ckpt.path.stem}.json"
-
-
-def _print_table(results: dict[str, float], split: str) -> None:
-    rows = [(split, "fixed windows (as logged in training)"), (f"{split}_full", "whole split")]
-    print(f"\n{'metrics':<10} {'loss':>8} {'ppl':>9} {'bpb':>7}  windows")
-    for prefix, what in rows:
-        loss, ppl, bpb = (results[f"{prefix}/{m}"] for m in ("loss", "ppl", "bpb"))
-        print(f"{prefix:<10} {loss:>8.4f} {ppl:>9.3f} {bpb:>7.4f}  {what}")
+    return folder / f"evaluation-{ckpt.path.stem}-{split}.json"
 
 
 def generate(cfg: DictConfig) -> list[str]:
-    """Continue a prompt: num_samples samples, batched, with the model's KV cache."""
+    """What a run is for: continue text (pretrain), label texts (classify), translate (seq2seq)."""
     ckpt = _open_checkpoint(cfg)
-    tokenizer = ckpt.tokenizer
     device = torch.device(cfg.device if cfg.device != "auto" else
                           ("cuda" if torch.cuda.is_available() else "cpu"))
+    task_name = ckpt.artifacts["task"]
+    if task_name == "pretrain":
+        return _continue_text(cfg, ckpt, device)
+    task = ckpt.task().to(device)
+    texts = _input_texts(cfg, task_name)
+    if task_name == "classify":
+        outputs = [_label_line(text, probs) for text, probs in zip(
+            texts, task.classify(texts, cfg.batch_size), strict=True)]
+    else:
+        if cfg.get("beam_size"):
+            task.hparams.beam_size = cfg.beam_size
+        outputs = task.translate(texts, cfg.batch_size)
+    if cfg.get("output_file"):
+        Path(cfg.output_file).write_text("".join(line + "\n" for line in outputs),
+                                         encoding="utf-8")
+        print(f"{len(outputs)} lines written to {cfg.output_file}")
+    else:
+        print("\n".join(outputs))
+    return outputs
+
+
+def _input_texts(cfg: DictConfig, task_name: str) -> list[str]:
+    if cfg.get("input_file"):
+        path = Path(cfg.input_file)
+        if not path.is_file():
+            raise UserError(f"input_file {path} does not exist; give a text file, one input "
+                            f"per line")
+        return [line for line in read_text(path).splitlines() if line.strip()]
+    if cfg.get("text"):
+        return [cfg.text]
+    raise UserError(f"this is a {task_name} run: pass text=\"...\" or input_file=<file with "
+                    f"one text per line>")
+
+
+def _label_line(text: str, probabilities: dict[str, float]) -> str:
+    """`label<TAB>probability<TAB>text`: the most likely label first, easy to cut or sort."""
+    label = max(probabilities, key=probabilities.get)
+    return f"{label}\t{probabilities[label]:.4f}\t{text}"
+
+
+def _continue_text(cfg: DictConfig, ckpt: Checkpoint, device: torch.device) -> list[str]:
+    """Continue a prompt: num_samples samples, batched, with the model's KV cache."""
+    tokenizer = ckpt.tokenizer
     model = ckpt.model().to(device)
-    prompt = tokenizer.encode(cfg.prompt) if cfg.prompt else []
+    text = cfg.get("text") or cfg.prompt
+    prompt = tokenizer.encode(text) if text else []
     if not prompt:
         prompt = [tokenizer.eos_id] if tokenizer.eos_id is not None else tokenizer.encode("\n")
     stop = tokenizer.token_to_id(cfg.stop) if cfg.get("stop") else None
@@ -162,9 +220,8 @@ def generate(cfg: DictConfig) -> list[str]:
             [prompt] * n, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
             top_p=cfg.top_p, stop_token=stop, generator=generator,
         )
-        samples += [cfg.prompt + tokenizer.decode(tokens) for tokens in outputs]
+        samples += [text + tokenizer.decode(tokens) for tokens in outputs]
     for sample in samples:
         print(sample)
         print("-" * 40)
     return samples
-

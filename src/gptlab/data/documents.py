@@ -10,7 +10,7 @@ from __future__ import annotations
 import glob
 from pathlib import Path
 
-from gptlab.data import sources
+from gptlab.data import examples, sources
 from gptlab.errors import UserError
 
 
@@ -71,3 +71,24 @@ class HFDataset:
 
     def documents(self) -> list[str]:
         return sources.hf_texts(**self.kwargs)
+
+
+class TableColumn:
+    """One column of TSV/CSV/JSON-lines files as documents, e.g. SST-2's train sentences."""
+
+    def __init__(self, files: list[str], column: str, format: str | None = None,
+                 download_dir: str | None = None, unique: bool = True):
+        self.files, self.column, self.format = list(files), column, format
+        self.download_dir, self.unique = download_dir, unique
+
+    def documents(self) -> list[str]:
+        texts: list[str] = []
+        for name in self.files:
+            path = examples.local_file(name, self.download_dir)
+            rows = examples.read_rows(path, self.format)
+            if rows and self.column not in rows[0]:
+                raise UserError(f"{path} has no column {self.column!r} (columns: "
+                                f"{', '.join(rows[0])}); set data.source.column to one of them")
+            texts += [row[self.column] for row in rows]
+        # dict.fromkeys keeps the first occurrence of each text, in order.
+        return list(dict.fromkeys(texts)) if self.unique else texts

@@ -152,6 +152,10 @@ class LMDataModule(L.LightningDataModule):
     def bytes_per_token(self, split: str = "val") -> float:
         return self.corpus.bytes_per_token(split)
 
+    def task_arguments(self) -> dict:
+        """What the task's constructor needs from the data: bytes per token, for val/bpb."""
+        return {"val_bytes_per_token": self.bytes_per_token("val")}
+
     # -- loaders -------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
         rank, consumed = 0, 0

@@ -147,33 +147,40 @@ def hf_texts(
     text_column: str,
     data_files: str | list[str] | dict | None = None,
     revision: str | None = None,
-    cache_dir: str | Path | None = None,
 ) -> list[str]:
-    """Load one text column of a HF dataset: a hub name, or "json"/"csv" with data_files."""
+    """One text column of a HF dataset: a hub name, or "json"/"csv" with data_files."""
+    texts = hf_columns(path, name, split, [text_column], data_files, revision)[text_column]
+    return [str(text) for text in texts]
+
+
+def hf_columns(
+    path: str,
+    name: str | None,
+    split: str,
+    columns: list[str],
+    data_files: str | list[str] | dict | None = None,
+    revision: str | None = None,
+) -> dict[str, list]:
+    """Some columns of one split of a HF dataset, each as a list."""
     import datasets  # slow to import; only the HF path needs it
 
     where = f"dataset {path!r}" + (f" (config {name!r})" if name else "") + f" split {split!r}"
     try:
-        ds = datasets.load_dataset(
-            path,
-            name,
-            split=split,
-            data_files=data_files,
-            revision=revision,
-            cache_dir=None if cache_dir is None else str(cache_dir),
-        )
+        ds = datasets.load_dataset(path, name, split=split, data_files=data_files,
+                                   revision=revision)
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(
             f"cannot load {where}: {reason}; check the name, config, split and network "
             "(or HF_DATASETS_OFFLINE with a filled cache)"
         ) from exc
-    if text_column not in ds.column_names:
-        raise UserError(
-            f"{where} has no column {text_column!r}; available columns: "
-            f"{', '.join(ds.column_names)}; set text_column to one of them"
-        )
-    return [str(text) for text in ds[text_column]]
+    for column in columns:
+        if column not in ds.column_names:
+            raise UserError(
+                f"{where} has no column {column!r}; available columns: "
+                f"{', '.join(ds.column_names)}; choose one of them"
+            )
+    return {column: list(ds[column]) for column in columns}
 
 
 def _user_path(path: Path, file: RemoteFile) -> Path:

@@ -9,7 +9,8 @@ an existing GPT-2 style byte-level tokenizer.json load as "bpe".
   (so Tiny Shakespeare gets nanoGPT's 65 ids). Characters outside the vocabulary are an error,
   never silently dropped.
 - bpe: GPT-2 style byte-level BPE; all 256 bytes are in the vocabulary, so any UTF-8 text
-  round-trips. "<|endoftext|>" is always a special token (the document separator).
+  round-trips. "<|endoftext|>" (document separator) and "<|sep|>" (source/target separator
+  for text-to-text fine-tuning) are always special tokens.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from gptlab.errors import UserError
 
-EOS_TOKEN = "<|endoftext|>"
+EOS_TOKEN = "<|endoftext|>"  # ends a document; fine-tuning also ends every input with it
+SEP_TOKEN = "<|sep|>"  # between source and target in text-to-text fine-tuning
 KINDS = ("char", "bpe")
 _MODEL_KINDS = {"WordLevel": "char", "BPE": "bpe"}
 _BATCH_PIECE_CHARS = 1 << 16
@@ -158,7 +160,8 @@ def _train_char(texts: Iterable[str], special_tokens: Sequence[str]) -> HFTokeni
 def _train_bpe(
     texts: Iterable[str], vocab_size: int | None, special_tokens: Sequence[str]
 ) -> HFTokenizer:
-    specials = [EOS_TOKEN, *(t for t in special_tokens if t != EOS_TOKEN)]
+    specials = [EOS_TOKEN, SEP_TOKEN,
+                *(t for t in special_tokens if t not in (EOS_TOKEN, SEP_TOKEN))]
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     smallest = len(alphabet) + len(specials)
     if vocab_size is None or vocab_size < smallest:

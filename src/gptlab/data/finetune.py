@@ -1,0 +1,286 @@
+"""LightningDataModules for fine-tuning: labeled texts (classification) and text pairs (seq2seq).
+
+Examples are small enough to tokenize in memory at start-up (SST-2's 67k phrases take about a
+second). Every input ends with "<|endoftext|>": GPT-1's extract token, whose hidden state the
+classifier reads, and the end of a translation. A text-to-text example is
+`source <|sep|> target <|endoftext|>` with the loss on the target side only.
+
+Batches are right-padded to their longest row: with causal attention no real token ever
+attends to the padding after it, so no attention mask is needed and SDPA keeps its fast
+causal kernel. Training batches come from length buckets (`LengthBuckets`), so short
+sentences do not pay for long ones.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from gptlab.data.lm_datamodule import IGNORE_INDEX
+from gptlab.data.tokenizers import EOS_TOKEN, KINDS, SEP_TOKEN, Tokenizer, train_tokenizer
+from gptlab.errors import UserError
+
+log = logging.getLogger("gptlab")
+PAD_ID = 0  # any id works: padding sits after every real token and is never a target
+
+
+def load_tokenizer(spec: str | Tokenizer, vocab_size: int | None, texts: list[str]) -> Tokenizer:
+    """A given Tokenizer, a tokenizer.json path, or a new one of kind `spec` trained on texts."""
+    if isinstance(spec, Tokenizer):
+        return spec
+    if spec in KINDS:
+        return train_tokenizer(spec, texts, vocab_size, special_tokens=[EOS_TOKEN, SEP_TOKEN])
+    return Tokenizer.load(spec)
+
+
+def eos_id(tokenizer: Tokenizer) -> int:
+    if tokenizer.eos_id is None:
+        raise UserError(
+            f"the tokenizer has no {EOS_TOKEN!r} token, which fine-tuning appends to every "
+            f"input; use a bpe tokenizer (it always has one) or train a new one "
+            f"(data.tokenizer=bpe)"
+        )
+    return tokenizer.eos_id
+
+
+def separator_id(tokenizer: Tokenizer) -> int:
+    """<|sep|> between source and target; tokenizers without it use <|endoftext|>."""
+    sep = tokenizer.token_to_id(SEP_TOKEN)
+    return eos_id(tokenizer) if sep is None else sep
+
+
+def encode_texts(tokenizer: Tokenizer, texts: list[str], block_size: int) -> list[list[int]]:
+    """Classifier inputs: text tokens (cut to fit the context) then <|endoftext|>."""
+    eos = eos_id(tokenizer)
+    return [ids[: block_size - 1] + [eos] for ids in tokenizer.encode_batch(texts)]
+
+
+def encode_sources(tokenizer: Tokenizer, texts: list[str], block_size: int) -> list[list[int]]:
+    """Prompts for text-to-text: source tokens then <|sep|>, at most half the context."""
+    sep = separator_id(tokenizer)
+    return [ids[: block_size // 2 - 1] + [sep] for ids in tokenizer.encode_batch(texts)]
+
+
+def pad(rows: list[list[int]], value: int = PAD_ID) -> torch.Tensor:
+    out = torch.full((len(rows), max(map(len, rows))), value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return out
+
+
+class LengthBuckets(Sampler[list[int]]):
+    """Batches of similar length, in random order (training) or by length (evaluation).
+
+    Training: shuffle, cut into pools of `pool` batches, sort each pool by length, cut it into
+    batches, shuffle the batches. The order depends only on (seed, epoch). Under DDP each rank
+    takes every world_size-th batch (the same count on every rank).
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, shuffle: bool, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, pool: int = 50):
+        self.lengths = np.asarray(lengths)
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.rank, self.world_size, self.pool = rank, world_size, pool
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:  # Lightning calls this at every epoch start
+        self.epoch = epoch
+
+    def _batches(self) -> list[np.ndarray]:
+        if not self.shuffle:
+            order = np.argsort(self.lengths, kind="stable")
+            return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(len(self.lengths))
+        span = self.batch_size * self.pool
+        batches = []
+        for start in range(0, len(order), span):
+            chunk = order[start : start + span]
+            chunk = chunk[np.argsort(self.lengths[chunk], kind="stable")]
+            batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk),
+                                                                       self.batch_size)]
+        rng.shuffle(batches)
+        return batches
+
+    def __iter__(self):
+        batches = self._batches()
+        usable = len(batches) - len(batches) % self.world_size
+        for batch in batches[self.rank : usable : self.world_size]:
+            yield batch.tolist()
+
+    def __len__(self) -> int:
+        n = -(-len(self.lengths) // self.batch_size)
+        return n // self.world_size if self.shuffle else n
+
+
+class FinetuneDataModule(L.LightningDataModule):
+    """Reads a split's examples from `source`, tokenizes them once, serves padded batches."""
+
+    def __init__(self, name: str, source, block_size: int, batch_size: int,
+                 tokenizer: str | Tokenizer = "bpe", vocab_size: int | None = None,
+                 eval_batch_size: int | None = None, seed: int = 0, num_workers: int = 0):
+        super().__init__()
+        self.name, self.source = name, source
+        self.block_size, self.batch_size = block_size, batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.tokenizer_spec, self.vocab_size_wanted = tokenizer, vocab_size
+        self.seed, self.num_workers = seed, num_workers
+        self._tokenizer: Tokenizer | None = None
+        self._examples: dict[str, list[tuple[str, str]]] = {}
+        self._encoded: dict[str, list[dict]] = {}
+
+    def prepare_data(self) -> None:
+        self.tokenizer  # noqa: B018  (reads the data and makes the tokenizer on first access)
+
+    def examples(self, split: str) -> list[tuple[str, str]]:
+        if split not in self._examples:
+            if split not in self.source.splits:
+                raise UserError(f"data '{self.name}' has no '{split}' split; it has "
+                                f"{', '.join(self.source.splits)}")
+            self._examples[split] = self.source.examples(split)
+        return self._examples[split]
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.tokenizer_spec, self.vocab_size_wanted,
+                                             self.tokenizer_texts())
+        return self._tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    def tokenizer_texts(self) -> list[str]:
+        """What a new tokenizer is trained on: the training split's texts."""
+        raise NotImplementedError
+
+    def encode(self, split: str) -> list[dict]:
+        """One dict of token lists and fields per example; see `collate`."""
+        raise NotImplementedError
+
+    def collate(self, rows: list[dict]) -> dict:
+        raise NotImplementedError
+
+    def task_arguments(self) -> dict:
+        """What the task's constructor needs from the data (e.g. the label names)."""
+        return {}
+
+    def encoded(self, split: str) -> list[dict]:
+        if split not in self._encoded:
+            self._encoded[split] = self.encode(split)
+        return self._encoded[split]
+
+    # -- loaders -------------------------------------------------------------------------
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        rows = self.encoded(split)
+        rank, world = 0, 1
+        if shuffle and self.trainer is not None:
+            rank, world = self.trainer.global_rank, self.trainer.world_size
+        buckets = LengthBuckets([len(r["input_ids"]) for r in rows],
+                                self.batch_size if shuffle else self.eval_batch_size,
+                                shuffle, self.seed, rank, world)
+        return DataLoader(rows, batch_sampler=buckets, collate_fn=self.collate,
+                          num_workers=self.num_workers)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def eval_dataloader(self, split: str = "val") -> DataLoader:
+        return self._loader(split, shuffle=False)
+
+
+class ClassificationDataModule(FinetuneDataModule):
+    """(text, label) examples; labels are the values in the label column (e.g. "0", "1")."""
+
+    def __init__(self, *args, labels: list[str] | None = None,
+                 label_names: list[str] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._labels = None if labels is None else [str(label) for label in labels]
+        self.label_names = label_names
+
+    @property
+    def labels(self) -> list[str]:
+        """The label values in class-index order: as configured, else sorted from train."""
+        if self._labels is None:
+            self._labels = sorted({label for _, label in self.examples("train")})
+        return self._labels
+
+    def task_arguments(self) -> dict:
+        names = self.label_names or self.labels
+        if len(names) != len(self.labels):
+            raise UserError(f"data.label_names has {len(names)} names for {len(self.labels)} "
+                            f"labels ({', '.join(self.labels)}); give one name per label")
+        return {"labels": list(names)}
+
+    def tokenizer_texts(self) -> list[str]:
+        return [text for text, _ in self.examples("train")]
+
+    def encode(self, split: str) -> list[dict]:
+        examples = self.examples(split)
+        index = {label: i for i, label in enumerate(self.labels)}
+        for text, label in examples:
+            if label not in index:
+                raise UserError(
+                    f"label {label!r} in the {split} split of '{self.name}' (text: "
+                    f"{text[:40]!r}) is not one of the labels {', '.join(self.labels)}; fix the "
+                    f"data or list every label in data.labels"
+                )
+        ids = encode_texts(self.tokenizer, [text for text, _ in examples], self.block_size)
+        return [{"input_ids": row, "label": index[label]}
+                for row, (_, label) in zip(ids, examples, strict=True)]
+
+    def collate(self, rows: list[dict]) -> dict:
+        return {
+            "input_ids": pad([r["input_ids"] for r in rows]),
+            "lengths": torch.tensor([len(r["input_ids"]) for r in rows]),
+            "labels": torch.tensor([r["label"] for r in rows]),
+        }
+
+
+class Seq2SeqDataModule(FinetuneDataModule):
+    """(source, target) pairs, trained as one sequence with the loss on the target side."""
+
+    def tokenizer_texts(self) -> list[str]:
+        return [text for pair in self.examples("train") for text in pair]
+
+    def encode(self, split: str) -> list[dict]:
+        examples = self.examples(split)
+        sources = encode_sources(self.tokenizer, [s for s, _ in examples], self.block_size)
+        targets = self.tokenizer.encode_batch([t for _, t in examples])
+        eos, rows, cut = eos_id(self.tokenizer), [], 0
+        for i, (source, target, (_, reference)) in enumerate(
+                zip(sources, targets, examples, strict=True)):
+            sequence = source + target + [eos]
+            cut += len(sequence) > self.block_size + 1
+            sequence = sequence[: self.block_size + 1]
+            rows.append({"input_ids": sequence[:-1], "sequence": sequence,
+                         "source_len": len(source), "prompt": source, "reference": reference,
+                         "index": i})
+        if cut:
+            log.warning("%d of %d %s examples of '%s' were cut to block_size=%d tokens",
+                        cut, len(rows), split, self.name, self.block_size)
+        return rows
+
+    def collate(self, rows: list[dict]) -> dict:
+        """Inputs, next-token targets, and which targets belong to the target side."""
+        sequences = pad([r["sequence"] for r in rows], IGNORE_INDEX)
+        targets = sequences[:, 1:]
+        position = torch.arange(targets.size(1))[None, :]
+        source_len = torch.tensor([r["source_len"] for r in rows])[:, None]
+        return {
+            "input_ids": sequences[:, :-1].masked_fill(sequences[:, :-1] == IGNORE_INDEX, PAD_ID),
+            "targets": targets,
+            # Position t predicts token t+1: target tokens are predicted from source_len - 1 on.
+            "target_mask": (position >= source_len - 1) & (targets != IGNORE_INDEX),
+            "prompts": [r["prompt"] for r in rows],
+            "references": [r["reference"] for r in rows],
+            "indices": [r["index"] for r in rows],
+        }

@@ -1,0 +1,7 @@
+"""The task modules, by the name a checkpoint records (`GPTTask.task_name`)."""
+
+from gptlab.tasks.classification import ClassificationTask
+from gptlab.tasks.language_modeling import LanguageModelingTask
+from gptlab.tasks.seq2seq import Seq2SeqTask
+
+TASKS = {task.task_name: task for task in (LanguageModelingTask, ClassificationTask, Seq2SeqTask)}
