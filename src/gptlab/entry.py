@@ -46,8 +46,18 @@ def hydra_entry(script: str, config_name: str, fn: Callable,
     def main(cfg):
         try:
             return fn(cfg)
-        except UserError as err:
-            print(f"error: {err}", file=sys.stderr)
+        except Exception as exc:
+            user_error = _user_error(exc)
+            if user_error is None:
+                raise
+            print(f"error: {user_error}", file=sys.stderr)
             sys.exit(2)
 
     return main
+
+
+def _user_error(exc: BaseException | None) -> UserError | None:
+    """The UserError behind exc, also when Hydra's instantiate wrapped it in its own."""
+    while exc is not None and not isinstance(exc, UserError):
+        exc = exc.__cause__
+    return exc

@@ -53,14 +53,21 @@ class Seq2SeqTask(GPTTask):
         return int((batch["targets"] != IGNORE_INDEX).sum())
 
     def training_step(self, batch: dict, batch_idx: int):
-        logits = self.model(batch["input_ids"])
         target_side, source_side = self.split_targets(batch)
-        loss = target_loss = lm_loss(logits, target_side, self.hparams.label_smoothing)
-        terms = {}
-        if self.hparams.aux_lm_weight:
-            terms = {"target_loss": target_loss, "lm_loss": lm_loss(logits, source_side)}
-            loss = target_loss + self.hparams.aux_lm_weight * terms["lm_loss"]
-        self.record(loss=loss, **terms)
+        hidden = self.model(batch["input_ids"], return_hidden=True)
+        if not self.hparams.aux_lm_weight:
+            # Output logits only where the loss reads them: the LM head over the vocabulary
+            # is a large share of the compute, and source positions are ~half the tokens.
+            scored = target_side != IGNORE_INDEX
+            logits = self.model.lm_head(hidden[scored])
+            loss = lm_loss(logits, target_side[scored], self.hparams.label_smoothing)
+            self.record(loss=loss)
+            return loss
+        logits = self.model.lm_head(hidden)
+        target_loss = lm_loss(logits, target_side, self.hparams.label_smoothing)
+        source_loss = lm_loss(logits, source_side)
+        loss = target_loss + self.hparams.aux_lm_weight * source_loss
+        self.record(loss=loss, target_loss=target_loss, lm_loss=source_loss)
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int):

@@ -1,0 +1,146 @@
+"""Fine-tuning data: labeled and parallel files, tokenization, padding, length buckets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from gptlab.data.examples import LabeledFiles, Multi30k, ParallelFiles, read_rows
+from gptlab.data.finetune import (
+    ClassificationDataModule,
+    LengthBuckets,
+    Seq2SeqDataModule,
+    encode_texts,
+)
+from gptlab.data.lm_datamodule import IGNORE_INDEX
+from gptlab.data.tokenizers import EOS_TOKEN, SEP_TOKEN, train_tokenizer
+from gptlab.errors import UserError
+
+
+def write(path, text: str) -> str:
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture
+def labeled(tmp_path) -> dict[str, str]:
+    train = "text\tlabel\n" + "".join(f"good movie {i}\t1\nbad movie {i}\t0\n" for i in range(20))
+    return {"train": write(tmp_path / "train.tsv", train),
+            "val": write(tmp_path / "val.tsv", "text\tlabel\ngood movie\t1\nbad movie\t0\n")}
+
+
+def classification(files, **kwargs) -> ClassificationDataModule:
+    return ClassificationDataModule("toy", LabeledFiles(files), block_size=16, batch_size=4,
+                                    tokenizer="char", **kwargs)
+
+
+def test_tsv_csv_and_jsonl_read_the_same_rows(tmp_path):
+    rows = [{"text": 'he said "hi", twice', "label": "1"}, {"text": "no", "label": "0"}]
+    tsv = write(tmp_path / "a.tsv", 'text\tlabel\nhe said "hi", twice\t1\nno\t0\n')
+    csv = write(tmp_path / "a.csv", 'text,label\n"he said ""hi"", twice",1\nno,0\n')
+    jsonl = write(tmp_path / "a.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    for path in (tsv, csv, jsonl):
+        assert read_rows(Path(path)) == rows
+
+
+def test_sst2_from_the_mirror_has_the_glue_sizes():
+    sst2 = LabeledFiles({"train": "sst2/train.tsv", "val": "sst2/dev.tsv"}, "sentence", "label")
+    train, dev = sst2.examples("train"), sst2.examples("val")
+    assert (len(train), len(dev)) == (67349, 872)
+    assert {label for _, label in train} == {"0", "1"}
+    assert dev[0][0].startswith("it 's a charming and often affecting journey")
+
+
+def test_multi30k_pairs_line_up_in_both_directions():
+    en_de, de_en = Multi30k("en", "de"), Multi30k("de", "en")
+    assert len(en_de.examples("train")) == 29000 and len(en_de.examples("test")) == 1000
+    assert en_de.examples("val")[0] == tuple(reversed(de_en.examples("val")[0]))
+    with pytest.raises(UserError, match="two of en, de, fr"):
+        Multi30k("en", "en")
+
+
+def test_classification_examples_end_with_eos_and_are_cut_to_the_context(labeled, tmp_path):
+    data = classification(labeled)
+    assert data.labels == ["0", "1"]
+    rows = data.encoded("train")
+    eos = data.tokenizer.eos_id
+    assert all(r["input_ids"][-1] == eos for r in rows)
+    assert data.tokenizer.decode(rows[0]["input_ids"][:-1]) == "good movie 0"
+    long = encode_texts(data.tokenizer, ["good " * 20], block_size=16)[0]
+    assert len(long) == 16 and long[-1] == eos
+
+
+def test_a_batch_is_right_padded_with_lengths(labeled):
+    batch = next(iter(classification(labeled).eval_dataloader("val")))
+    assert batch["input_ids"].shape == (2, int(batch["lengths"].max()))
+    assert sorted(batch["labels"].tolist()) == [0, 1]
+
+
+def test_label_outside_the_known_set_is_a_user_error(labeled, tmp_path):
+    labeled["val"] = write(tmp_path / "bad.tsv", "text\tlabel\nso so\t2\n")
+    with pytest.raises(UserError, match="label '2' in the val split.*data.labels"):
+        classification(labeled).encoded("val")
+
+
+def test_missing_column_and_empty_file_are_user_errors(labeled, tmp_path):
+    with pytest.raises(UserError, match="no column 'sentence'.*text_column"):
+        ClassificationDataModule("toy", LabeledFiles(labeled, text_column="sentence"), 16, 4,
+                                 tokenizer="char").prepare_data()
+    labeled["train"] = write(tmp_path / "empty.tsv", "")
+    with pytest.raises(UserError, match="has no examples"):
+        classification(labeled).prepare_data()
+
+
+def test_seq2seq_targets_cover_the_target_side_only(tmp_path):
+    files = {"train": [write(tmp_path / "s", "a b c\nd e\n"), write(tmp_path / "t", "x y\nz\n")]}
+    data = Seq2SeqDataModule("pairs", ParallelFiles(files), block_size=32, batch_size=2,
+                             tokenizer="char")
+    batch = data.collate(data.encoded("train"))
+    tok = data.tokenizer
+    for row in range(2):
+        target_ids = batch["targets"][row][batch["target_mask"][row]].tolist()
+        source, target = data.examples("train")[row]
+        assert tok.decode(target_ids) == target + EOS_TOKEN
+        assert tok.decode(batch["prompts"][row]) == source + SEP_TOKEN
+    # Padding is never a target, and the inputs hold no IGNORE_INDEX.
+    assert (batch["input_ids"] >= 0).all()
+    assert not (batch["target_mask"] & (batch["targets"] == IGNORE_INDEX)).any()
+
+
+def test_parallel_files_of_different_lengths_are_a_user_error(tmp_path):
+    files = {"train": [write(tmp_path / "s", "a\nb\n"), write(tmp_path / "t", "x\n")]}
+    with pytest.raises(UserError, match="2 lines but .* has 1"):
+        ParallelFiles(files).examples("train")
+
+
+def test_length_buckets_cover_every_example_once_with_similar_lengths():
+    lengths = torch.randint(1, 60, (1000,)).tolist()
+    buckets = LengthBuckets(lengths, batch_size=10, shuffle=True, seed=0, pool=10)
+    batches = list(buckets)
+    assert sorted(i for b in batches for i in b) == list(range(1000))
+    spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches)
+    random_spread = sum(max(lengths[i:i + 10]) - min(lengths[i:i + 10])
+                        for i in range(0, 1000, 10))
+    assert spread < random_spread / 4  # far less padding than random batches
+    buckets.set_epoch(1)
+    assert list(buckets) != batches  # a new order each epoch...
+    buckets.set_epoch(0)
+    assert list(buckets) == batches  # ...that depends only on (seed, epoch)
+
+
+def test_length_buckets_shard_batches_across_ranks():
+    lengths = list(range(1, 101))
+    shards = [list(LengthBuckets(lengths, 10, True, seed=3, rank=r, world_size=2))
+              for r in range(2)]
+    assert len(shards[0]) == len(shards[1]) == 5
+    assert not {i for b in shards[0] for i in b} & {i for b in shards[1] for i in b}
+
+
+def test_new_tokenizers_have_the_fine_tuning_special_tokens(labeled):
+    for kind in ("char", "bpe"):
+        tok = train_tokenizer(kind, ["some text"], vocab_size=300,
+                              special_tokens=[EOS_TOKEN, SEP_TOKEN])
+        assert tok.eos_id is not None and tok.token_to_id(SEP_TOKEN) is not None
