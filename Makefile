@@ -1,4 +1,5 @@
 # gptlab: `make help` lists the targets.
+SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -10,10 +11,10 @@ ifneq ($(wildcard ../shared/data/tinyshakespeare),)
 export GPTLAB_DATA_MIRROR ?= $(abspath ../shared/data)
 endif
 
-.PHONY: help install train test lint bench clean
+.PHONY: help install train finetune-sst2 translate-multi30k test lint bench clean
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
 
 # Reinstalls when the dependencies change.
 $(VENV)/.installed: requirements.txt pyproject.toml
@@ -27,6 +28,17 @@ install: $(VENV)/.installed  ## create .venv and install gptlab with its depende
 
 train: install  ## prepare Tiny Shakespeare and train the default model
 	$(BIN)/python train.py $(ARGS)
+
+# A recipe's second step starts from the run folder that its first step prints last.
+finetune-sst2: install  ## SST-2 recipe: pretrain on unlabeled text, fine-tune, print dev accuracy
+	@set -eo pipefail; pretrained=$$($(BIN)/python train.py experiment=sst2_pretrain $(ARGS) \
+	    | tee /dev/stderr | sed -n 's/^run folder: //p'); \
+	$(BIN)/python train.py experiment=sst2_finetune task.init_from=$$pretrained $(ARGS)
+
+translate-multi30k: install  ## Multi30k en->de recipe: train, then BLEU on test2016 with a beam
+	@set -eo pipefail; run=$$($(BIN)/python train.py experiment=translate_multi30k_en_de $(ARGS) \
+	    | tee /dev/stderr | sed -n 's/^run folder: //p'); \
+	$(BIN)/python evaluate.py run=$$run
 
 test: install  ## run the test suite
 	$(BIN)/python -m pytest $(ARGS)

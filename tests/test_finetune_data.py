@@ -144,3 +144,25 @@ def test_new_tokenizers_have_the_fine_tuning_special_tokens(labeled):
         tok = train_tokenizer(kind, ["some text"], vocab_size=300,
                               special_tokens=[EOS_TOKEN, SEP_TOKEN])
         assert tok.eos_id is not None and tok.token_to_id(SEP_TOKEN) is not None
+
+
+def test_hugging_face_labeled_dataset_through_the_json_loader(tmp_path):
+    from gptlab.data.examples import HFLabeled
+
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"sentence": "fine", "label": 1}\n{"sentence": "dull", "label": 0}\n')
+    source = HFLabeled("json", splits={"train": "train"}, text_column="sentence",
+                       data_files={"train": str(path)})
+    assert source.examples("train") == [("fine", "1"), ("dull", "0")]
+    with pytest.raises(UserError, match="no column 'text'"):
+        HFLabeled("json", splits={"train": "train"},
+                  data_files={"train": str(path)}).examples("train")
+
+
+def test_combined_sources_and_a_table_column_as_a_corpus(tmp_path):
+    from gptlab.data.documents import Combined, TableColumn, TextFiles
+
+    table = write(tmp_path / "t.tsv", "sentence\tlabel\nfun\t1\nfun\t1\ndull\t0\n")
+    notes = write(tmp_path / "notes.txt", "some notes")
+    docs = Combined([TextFiles([notes]), TableColumn([table], "sentence")]).documents()
+    assert docs == ["some notes", "fun", "dull"]  # the table's repeated row kept once

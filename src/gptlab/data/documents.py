@@ -92,3 +92,15 @@ class TableColumn:
             texts += [row[self.column] for row in rows]
         # dict.fromkeys keeps the first occurrence of each text, in order.
         return list(dict.fromkeys(texts)) if self.unique else texts
+
+
+class Combined:
+    """The documents of several sources, one after the other (e.g. in-domain + general text)."""
+
+    def __init__(self, sources: list):
+        if not sources:
+            raise UserError("data.source.sources is empty; list at least one document source")
+        self.sources = list(sources)
+
+    def documents(self) -> list[str]:
+        return [doc for source in self.sources for doc in source.documents()]

@@ -147,9 +147,11 @@ def hf_texts(
     text_column: str,
     data_files: str | list[str] | dict | None = None,
     revision: str | None = None,
+    cache_dir: str | Path | None = None,
 ) -> list[str]:
     """One text column of a HF dataset: a hub name, or "json"/"csv" with data_files."""
-    texts = hf_columns(path, name, split, [text_column], data_files, revision)[text_column]
+    texts = hf_columns(path, name, split, [text_column], data_files, revision,
+                       cache_dir)[text_column]
     return [str(text) for text in texts]
 
 
@@ -160,6 +162,7 @@ def hf_columns(
     columns: list[str],
     data_files: str | list[str] | dict | None = None,
     revision: str | None = None,
+    cache_dir: str | Path | None = None,
 ) -> dict[str, list]:
     """Some columns of one split of a HF dataset, each as a list."""
     import datasets  # slow to import; only the HF path needs it
@@ -167,7 +170,8 @@ def hf_columns(
     where = f"dataset {path!r}" + (f" (config {name!r})" if name else "") + f" split {split!r}"
     try:
         ds = datasets.load_dataset(path, name, split=split, data_files=data_files,
-                                   revision=revision)
+                                   revision=revision,
+                                   cache_dir=None if cache_dir is None else str(cache_dir))
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(

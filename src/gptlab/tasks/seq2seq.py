@@ -3,8 +3,8 @@
 The loss is the next-token loss on the target side only (optionally label-smoothed), so it is
 -sum_i log P(y_i | x_i) for the target sentence y_i given the source x_i. With
 `aux_lm_weight` > 0 the source side's next-token loss is added, GPT-1's auxiliary objective.
-Validation decodes every source (greedily during training; with `beam_size` in evaluate.py
-and generate.py) and scores the outputs against the references with sacreBLEU's BLEU and
+Validation decodes every source (greedily in training; with `beam_size` in evaluate.py and
+generate.py) and scores the outputs against the references with sacreBLEU's BLEU and
 chrF (torchmetrics' implementations).
 """
 
@@ -39,8 +39,8 @@ class Seq2SeqTask(GPTTask):
         self.val_bleu = SacreBLEUScore(tokenize=bleu_tokenize)
         self.val_chrf = CHRFScore()
         self.val_bleu_best = MaxMetric()
-        # evaluate.py keeps the last evaluation's outputs, by example index.
-        self.keep_hypotheses = False
+        # Set by evaluate.py: decode with the beam and keep the outputs, by example index.
+        self.evaluating = False
         self.hypotheses: dict[int, str] = {}
 
     def split_targets(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,11 +74,11 @@ class Seq2SeqTask(GPTTask):
         target_side, _ = self.split_targets(batch)
         loss = lm_loss(self.model(batch["input_ids"]), target_side)
         self.val_loss.update(loss, weight=(target_side != IGNORE_INDEX).sum())
-        # Greedy while training (fast); the configured beam in evaluate.py and generate.py.
-        hypotheses = self.decode(batch["prompts"], greedy=self.trainer.state.fn == "fit")
+        # Greedy in training's validations (fast); the configured beam in evaluate.py.
+        hypotheses = self.decode(batch["prompts"], greedy=not self.evaluating)
         self.val_bleu.update(hypotheses, [[r] for r in batch["references"]])
         self.val_chrf.update(hypotheses, [[r] for r in batch["references"]])
-        if self.keep_hypotheses:
+        if self.evaluating:
             self.hypotheses |= dict(zip(batch["indices"], hypotheses, strict=True))
 
     def on_validation_epoch_end(self) -> None:
@@ -116,7 +116,7 @@ class Seq2SeqTask(GPTTask):
 
     # -- evaluate.py ---------------------------------------------------------------------
     def evaluation_passes(self, datamodule, split: str) -> list[tuple[str, object]]:
-        self.keep_hypotheses = True
+        self.evaluating = True
         return super().evaluation_passes(datamodule, split)
 
     def evaluation_details(self) -> dict:
