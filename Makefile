@@ -35,7 +35,7 @@ finetune-sst2: install  ## SST-2 recipe: pretrain on unlabeled text, fine-tune, 
 	    | tee /dev/stderr | sed -n 's/^run folder: //p'); \
 	$(BIN)/python train.py experiment=sst2_finetune task.init_from=$$pretrained $(ARGS)
 
-translate-multi30k: install  ## Multi30k en->de recipe: train, then BLEU on test2016 with a beam
+translate-multi30k: install  ## Multi30k en->de recipe: train, then BLEU on test2016 (greedy)
 	@set -eo pipefail; run=$$($(BIN)/python train.py experiment=translate_multi30k_en_de $(ARGS) \
 	    | tee /dev/stderr | sed -n 's/^run folder: //p'); \
 	$(BIN)/python evaluate.py run=$$run
