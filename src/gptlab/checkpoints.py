@@ -98,7 +98,9 @@ def load_pretrained(init_from: str) -> Checkpoint:
 
 def load_checkpoint(path: Path, run_dir: Path | None = None) -> Checkpoint:
     try:
-        contents = torch.load(path, map_location="cpu", weights_only=True)
+        # mmap: tensors are read when used, so reading only the artifacts (e.g. the
+        # tokenizer of task.init_from) does not read the weights and optimizer state.
+        contents = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise UserError(

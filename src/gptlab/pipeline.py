@@ -123,12 +123,18 @@ def _open_checkpoint(cfg: DictConfig) -> Checkpoint:
     return load_checkpoint(path, run_dir)
 
 
+def _task_of(ckpt: Checkpoint, cfg: DictConfig) -> GPTTask:
+    """The checkpoint's task, with the decoding beam of the command line if it gives one."""
+    task = ckpt.task()
+    if cfg.get("beam_size") and "beam_size" in task.hparams:
+        task.hparams.beam_size = cfg.beam_size
+    return task
+
+
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Score a checkpoint on a split with its task's metrics; print and save a report."""
     ckpt = _open_checkpoint(cfg)
-    task = ckpt.task()
-    if cfg.get("beam_size") and hasattr(task.hparams, "beam_size"):
-        task.hparams.beam_size = cfg.beam_size
+    task = _task_of(ckpt, cfg)
     data_cfg = cfg.data if cfg.get("data") else OmegaConf.create(ckpt.artifacts["data_config"])
     datamodule = instantiate(data_cfg, tokenizer=ckpt.tokenizer)
     split = cfg.split or task.default_eval_split
@@ -162,14 +168,12 @@ def generate(cfg: DictConfig) -> list[str]:
     task_name = ckpt.artifacts["task"]
     if task_name == "pretrain":
         return _continue_text(cfg, ckpt, device)
-    task = ckpt.task().to(device)
+    task = _task_of(ckpt, cfg).to(device)
     texts = _input_texts(cfg, task_name)
     if task_name == "classify":
         outputs = [_label_line(text, probs) for text, probs in zip(
             texts, task.classify(texts, cfg.batch_size), strict=True)]
     else:
-        if cfg.get("beam_size"):
-            task.hparams.beam_size = cfg.beam_size
         outputs = task.translate(texts, cfg.batch_size)
     if cfg.get("output_file"):
         Path(cfg.output_file).write_text("".join(line + "\n" for line in outputs),
