@@ -11,7 +11,8 @@ ifneq ($(wildcard ../shared/data/tinyshakespeare),)
 export GPTLAB_DATA_MIRROR ?= $(abspath ../shared/data)
 endif
 
-.PHONY: help install train finetune-sst2 translate-multi30k test lint bench clean
+.PHONY: help install train finetune-sst2 translate-multi30k nanogpt-cpu nanogpt-gpu \
+	gpt1-ablation gpt1-layers scaling test lint bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
@@ -39,6 +40,23 @@ translate-multi30k: install  ## Multi30k en->de recipe: train, then BLEU on test
 	@set -eo pipefail; run=$$($(BIN)/python train.py experiment=translate_multi30k_en_de $(ARGS) \
 	    | tee /dev/stderr | sed -n 's/^run folder: //p'); \
 	$(BIN)/python evaluate.py run=$$run
+
+# Reproductions: each an experiment= config; results and commands in docs/experiments.md.
+nanogpt-cpu: install  ## nanoGPT's Shakespeare-char CPU recipe (nanoGPT: val loss 1.88; ~3 min)
+	$(BIN)/python train.py experiment=nanogpt_shakespeare_char_cpu $(ARGS)
+
+nanogpt-gpu: install  ## nanoGPT's Shakespeare-char GPU recipe (nanoGPT: 1.4697; needs a GPU)
+	$(BIN)/python train.py experiment=nanogpt_shakespeare_char $(ARGS)
+
+gpt1-ablation: install  ## GPT-1 Table 5 on SST-2: pretrain once, 3 variants x 3 seeds
+	$(BIN)/python train.py experiment=gpt1_ablation $(ARGS)
+
+gpt1-layers: install  ## GPT-1 figure 2: SST-2 accuracy against pretrained layers transferred
+	$(BIN)/python train.py experiment=gpt1_layers $(ARGS)
+
+scaling: install  ## loss against model size and against tokens, with power-law fits
+	$(BIN)/python train.py experiment=scaling $(ARGS)
+	$(BIN)/python train.py experiment=scaling_tokens $(ARGS)
 
 test: install  ## run the test suite
 	$(BIN)/python -m pytest $(ARGS)

@@ -44,6 +44,28 @@ def metrics_column(run: Path, name: str) -> list[float]:
         return [float(row[name]) for row in csv.DictReader(f) if row.get(name)]
 
 
+def wandb_records(path: Path) -> list:
+    """The protobuf records of an offline W&B run file (run-*.wandb, a LevelDB-style log)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", f"{path} is not a W&B run file"
+    block, pos, pending, records = 32768, 7, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        pending += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a whole record, or the last chunk of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records
+
+
 def start_entry(script: str, *args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(REPO / script), *args], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gptlab.reporting.compare import compare, labels, load_run, main
+from gptlab.reporting.compare import compare, fit_power_law, labels, load_run, main
 from tests.conftest import metrics_column
 
 
@@ -51,3 +51,46 @@ def test_a_folder_without_runs_is_a_one_line_error(tmp_path, capsys):
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("error: no run folder") and str(tmp_path) in error
+
+
+def test_power_law_fit_recovers_known_parameters():
+    sizes = [1e4, 3e4, 1e5, 3e5, 1e6, 3e6]
+    losses = [40.0 * n ** -0.3 + 1.2 for n in sizes]
+    a, alpha, c = fit_power_law(sizes, losses)
+    assert alpha == pytest.approx(0.3, rel=0.02) and c == pytest.approx(1.2, abs=0.01)
+    assert a == pytest.approx(40.0, rel=0.1)
+
+
+def fake_classify_run(folder: Path, overrides: list[str], accuracy: float) -> Path:
+    fake_run(folder, overrides)
+    (folder / ".hydra" / "config.yaml").write_text(
+        "optimized_metric: val/acc\noptimized_mode: max\nreference:\n  val/acc: 0.9\n")
+    (folder / "csv" / "metrics.csv").write_text(
+        f"step,val/acc,val_last/acc\n9,{accuracy - 0.1},\n19,{accuracy},\n20,,{accuracy}\n")
+    return folder
+
+
+def test_seeds_of_one_setting_are_averaged_and_plotted_against_a_key(tmp_path):
+    accuracy = {("1", "1"): 0.8, ("1", "2"): 0.7, ("2", "1"): 0.6, ("2", "2"): 0.6}
+    for i, ((layers, seed), acc) in enumerate(accuracy.items()):
+        fake_classify_run(tmp_path / str(i), [f"task.transfer_layers={layers}", f"seed={seed}"],
+                          acc)
+    rows = compare([str(tmp_path)], out=tmp_path, versus="task.transfer_layers")
+    assert [row["best val/acc"] for row in rows] == list(accuracy.values())
+    assert [row["reference"] for row in rows] == [0.9] * 4
+    with open(tmp_path / "comparison_by_setting.csv") as f:
+        settings = list(csv.DictReader(f))
+    assert [s["setting"] for s in settings] == ["task.transfer_layers=1",
+                                                "task.transfer_layers=2"]
+    assert float(settings[0]["val_last/acc mean"]) == pytest.approx(0.75)
+    assert float(settings[0]["val_last/acc std"]) == pytest.approx(0.0707, abs=1e-4)
+    assert float(settings[1]["val_last/acc std"]) == 0.0
+    assert (tmp_path / "val_acc_vs_task.transfer_layers.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_runs_of_different_tasks_are_not_mixed(tmp_path, capsys):
+    fake_run(tmp_path / "lm", ["task=pretrain"])
+    fake_classify_run(tmp_path / "cls", ["task=classify"], 0.8)
+    with pytest.raises(SystemExit):
+        main([str(tmp_path)])
+    assert "different metrics (val/acc, val/loss)" in capsys.readouterr().err

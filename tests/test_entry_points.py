@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gptlab.reporting.compare import compare
-from tests.conftest import metrics_column, run_entry, run_folder
+from tests.conftest import metrics_column, run_entry, run_folder, wandb_records
 
 
 def test_train_writes_a_complete_run_folder(trained_runs):
@@ -81,13 +81,22 @@ def test_resume_continues_from_a_checkpoint(trained_runs, workspace):
 
 
 @pytest.mark.slow
-def test_ddp_on_two_cpu_processes(workspace):
-    out = run_entry("train.py", *workspace.args, "model=nano", "debug=fast", "logger=csv",
-                    "hardware=ddp_cpu")
-    run = run_folder(out)
-    assert list((run / "checkpoints").glob("best-*.ckpt"))
-    # Both processes share one stream of steps: 6 optimizer steps, not 12.
-    assert json.loads((run / "results.json").read_text())["steps"] == 6
+def test_ddp_on_two_cpu_processes_in_a_multirun(workspace):
+    """Each job trains on two ranks; the second rank re-runs its job, never the whole sweep."""
+    out = run_entry("train.py", "-m", *workspace.args, "model=nano", "debug=fast",
+                    "logger=csv", "hardware=ddp_cpu", "task.optimizer.lr=1e-3,3e-3")
+    runs = sorted({Path(line.split(": ", 1)[1]) for line in out.splitlines()
+                   if line.startswith("run folder: ")})
+    sweep = runs[0].parent
+    assert [run.name for run in runs] == ["0", "1"] and runs[1].parent == sweep
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
+    assert out.count("Launching 2 jobs") == 1
+    for run in runs:
+        assert list((run / "checkpoints").glob("best-*.ckpt"))
+        # Both processes share one stream of steps: 6 optimizer steps, not 12, each of two
+        # batches of 4 windows of 64 tokens.
+        assert json.loads((run / "results.json").read_text())["steps"] == 6
+        assert metrics_column(run, "train/tokens")[-1] == 6 * 2 * 4 * 64
 
 
 @pytest.mark.slow
@@ -95,10 +104,22 @@ def test_wandb_runs_offline_without_a_login(workspace, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("HOME", str(workspace.root))  # no ~/.netrc: not logged in
-    out = run_entry("train.py", *workspace.args, "model=nano", "debug=fast", "logger=many")
+    out = run_entry("train.py", *workspace.args, "model=nano", "debug=fast", "logger=many",
+                    "tags=[smoke,nano]")
     run = run_folder(out)
-    assert list((run / "wandb").glob("offline-run-*"))
+    (run_file,) = (run / "wandb").glob("offline-run-*/run-*.wandb")
     assert metrics_column(run, "val/loss")
+    records = wandb_records(run_file)
+    (run_record,) = [r.run for r in records if r.HasField("run")]
+    assert list(run_record.tags) == ["smoke", "nano"] and run_record.run_group == "pretrain"
+    config = {u.key: json.loads(u.value_json) for r in records if r.HasField("config")
+              for u in r.config.update}
+    # Flattened, so W&B's run table filters by any key; with the model's size.
+    assert config["task.optimizer.lr"] == 6e-3 and config["model.n_layer"] == 3
+    assert config["model/params"] > 0 and config["data.batch_size"] == 4
+    summaries = {r.metric.name: r.metric.summary for r in records if r.HasField("metric")}
+    assert summaries["val/loss"].min and summaries["val/loss"].last
+    assert summaries["val/bpb"].min and not summaries["val/bpb"].max
 
 
 @pytest.mark.slow

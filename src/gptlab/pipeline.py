@@ -8,24 +8,33 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, read_write
 from tqdm import tqdm
 
 from gptlab.checkpoints import Checkpoint, find_checkpoint, load_checkpoint, load_pretrained
 from gptlab.data.sources import read_text
 from gptlab.data.tokenizers import KINDS, Tokenizer
 from gptlab.errors import UserError
+from gptlab.pretrain_once import pretrain_once
 from gptlab.tasks.base import GPTTask
 from gptlab.utils.config import flatten, to_yaml
 
 log = logging.getLogger("gptlab")
+
+LOWER_IS_BETTER = ("loss", "ppl", "bpb")  # validation metrics; all others are better higher
 
 
 def _instantiate_all(group: DictConfig | None) -> list:
@@ -39,10 +48,17 @@ def _metrics(trainer_output: list[dict]) -> dict[str, float]:
 
 def train(cfg: DictConfig) -> float | None:
     """Prepare data, build the model, fit, then score the last and the best weights."""
+    with _one_job_of_a_sweep():
+        return _train(cfg)
+
+
+def _train(cfg: DictConfig) -> float | None:
     log.info("Config:\n%s", to_yaml(cfg))
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.paths.output_dir)
 
+    if cfg.get("pretrain_once"):
+        _start_from_shared_pretraining(cfg)
     datamodule = instantiate(cfg.data, **_pretrained_tokenizer(cfg))
     datamodule.prepare_data()
     model_config = instantiate(cfg.model, vocab_size=datamodule.vocab_size)
@@ -58,6 +74,8 @@ def train(cfg: DictConfig) -> float | None:
     config_tree = OmegaConf.to_container(cfg, resolve=True)
     for logger in loggers:
         logger.log_hyperparams(flatten(config_tree) | {"model/params": task.model.num_params()})
+        if isinstance(logger, WandbLogger):
+            _define_wandb_summaries(logger, task)
     if trainer.is_global_zero:
         _save_run_files(run_dir, task)
 
@@ -80,6 +98,50 @@ def train(cfg: DictConfig) -> float | None:
     if trainer.is_global_zero:
         _report_training(task, results, metric, best, trainer.global_step, run_dir)
     return results.get(metric)
+
+
+def _define_wandb_summaries(logger: WandbLogger, task: GPTTask) -> None:
+    """W&B's run table shows each validation metric's best value (and its last), not the last.
+
+    So the project page ranks and compares runs without any setup there.
+    """
+    for name in dict.fromkeys(("loss", *task.summary_metrics)):
+        best = "min" if name in LOWER_IS_BETTER else "max"
+        logger.experiment.define_metric(f"val/{name}", summary=f"{best},last")
+
+
+@contextmanager
+def _one_job_of_a_sweep() -> Iterator[None]:
+    """Keep the jobs of a multirun, which share this process, apart under DDP.
+
+    Lightning starts DDP ranks > 0 by re-running sys.argv with hydra.run.dir=<run.dir>: in a
+    multirun that is the whole sweep, and not this job's folder. Point both at this job. It
+    also leaves its process group and rank variables behind, which the next job would join.
+    """
+    if not (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN):
+        yield
+        return
+    hydra_cfg = HydraConfig.get()
+    argv, environ = sys.argv, dict(os.environ)
+    sys.argv = [argv[0], *hydra_cfg.overrides.task, "hydra.mode=RUN"]
+    with read_write(hydra_cfg):
+        hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
+    try:
+        yield
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        sys.argv = argv
+        os.environ.clear()
+        os.environ.update(environ)
+
+
+def _start_from_shared_pretraining(cfg: DictConfig) -> None:
+    if cfg.task.get("init_from"):
+        raise UserError(f"both task.init_from={cfg.task.init_from} and pretrain_once are set; "
+                        f"drop one of them (pretrain_once=null to start from init_from)")
+    job_overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    cfg.task.init_from = str(pretrain_once(cfg.pretrain_once, cfg.paths.log_dir, job_overrides))
 
 
 def _pretrained_tokenizer(cfg: DictConfig) -> dict:

@@ -1,11 +1,24 @@
 """Compare training runs locally, without W&B.
 
     python -m gptlab.reporting.compare <sweep folder or run folders ...> [--out FOLDER]
+        [--versus KEY [--fit]]
 
-Prints one row per run (the overrides that tell runs apart, parameters, steps, tokens, wall
-time, best and final val/loss, whole-split val_full/loss), writes it as comparison.md and
-comparison.csv, and plots the validation curves against step, tokens and wall time into
-val_curves.png. Everything is read from the run folders' own files (.hydra/overrides.yaml,
+Every multirun ends with this comparison in its sweep folder (hydra.callbacks.compare).
+
+- comparison.md / .csv: one row per run, named by the overrides that tell the runs apart:
+  parameters, steps, tokens, wall time, and the metric the runs optimise (val/loss for
+  pretraining, val/acc for classification, val/bleu for text-to-text): its best and final
+  value during training, and the whole-split scores of the best checkpoint (val_full/*) and
+  of the last weights (val_last/*); a `reference` column when the runs' configs carry a
+  published figure.
+- comparison_by_setting.md / .csv, when runs repeat a setting with other seeds: mean and
+  standard deviation over the seeds.
+- val_curves.png: the validation curves against step, tokens and wall time.
+- with --versus KEY (an override such as task.transfer_layers, or params, or tokens): the
+  final whole-split metric against it, <metric>_vs_<KEY>.png; with --fit, a power law
+  y = a * x^-alpha + c fitted over the points and drawn on log-log axes (scaling laws).
+
+Everything is read from the run folders' own files (.hydra/config.yaml and overrides.yaml,
 csv/metrics.csv, model_config.json), so a crashed run shows what it logged before.
 """
 
@@ -14,19 +27,24 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
+import statistics
 import sys
-from dataclasses import dataclass
+from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
 from gptlab.errors import UserError
 from gptlab.models.gpt import GPT, GPTConfig
 
-COLUMNS = ["run", "params", "steps", "tokens", "wall_s", "best val/loss", "final val/loss",
-           "val_full/loss"]
-CURVE_AXES = [("step", "step"), ("val/tokens", "tokens seen"), ("val/elapsed_s", "wall seconds")]
+RUN_COLUMNS = ["run", "params", "steps", "tokens", "wall_s"]
+CURVE_AXES = [("step", "optimizer steps", "linear"), ("val/tokens", "tokens seen", "log"),
+              ("val/elapsed_s", "wall seconds", "log")]
+DERIVED_KEYS = ("params", "tokens")  # --versus keys read from the runs, not their overrides
 
 
 @dataclass
@@ -35,6 +53,15 @@ class Run:
     overrides: list[str]
     metrics: list[dict[str, float]]
     params: int | None
+    config: dict = field(default_factory=dict)
+
+    @property
+    def metric(self) -> str:
+        return self.config.get("optimized_metric", "val/loss")
+
+    @property
+    def mode(self) -> str:
+        return self.config.get("optimized_mode", "min")
 
     def column(self, name: str) -> list[float]:
         """Every value of `name` in the metrics CSV, in order."""
@@ -43,6 +70,19 @@ class Run:
     def last(self, name: str) -> float | None:
         values = self.column(name)
         return values[-1] if values else None
+
+    def final(self, metric: str) -> float | None:
+        """The last weights on the whole validation split, else the last validation."""
+        name = metric.split("/", 1)[1]
+        value = self.last(f"val_last/{name}")
+        return self.last(metric) if value is None else value
+
+    def override(self, key: str) -> str | None:
+        for override in self.overrides:
+            name, _, value = override.lstrip("+").partition("=")
+            if name == key:
+                return value
+        return None
 
 
 def is_run(folder: Path) -> bool:
@@ -56,12 +96,17 @@ def find_runs(paths: list[str]) -> list[Path]:
         if not given.is_dir():
             raise UserError(f"{given} is not a folder; pass run folders or a sweep folder")
         found = [given] if is_run(given) else sorted(
-            p.parent.parent for p in given.rglob("csv/metrics.csv"))
+            (p.parent.parent for p in given.rglob("csv/metrics.csv")), key=_natural)
         if not found:
             raise UserError(f"no run folder (with csv/metrics.csv) in {given}; pass run "
                             "folders of runs that used the csv logger (logger=csv or many)")
         runs += found
     return runs
+
+
+def _natural(path: Path) -> list:
+    """Job folders 0, 1, ..., 10 in numeric order, not 0, 1, 10, 2."""
+    return [int(part) if part.isdigit() else part for part in path.parts]
 
 
 def _number(text: str) -> float | None:
@@ -71,13 +116,17 @@ def _number(text: str) -> float | None:
         return None
 
 
+def _yaml(path: Path):
+    return yaml.safe_load(path.read_text()) if path.is_file() else None
+
+
 def load_run(folder: Path) -> Run:
     with open(folder / "csv" / "metrics.csv") as f:
         rows = [{k: v for k, v in ((k, _number(v)) for k, v in row.items()) if v is not None}
                 for row in csv.DictReader(f)]
-    overrides_file = folder / ".hydra" / "overrides.yaml"
-    overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
-    return Run(folder, overrides or [], rows, count_params(folder))
+    overrides = _yaml(folder / ".hydra" / "overrides.yaml") or []
+    config = _yaml(folder / ".hydra" / "config.yaml") or {}
+    return Run(folder, overrides, rows, count_params(folder), config)
 
 
 def count_params(folder: Path) -> int | None:
@@ -90,31 +139,51 @@ def count_params(folder: Path) -> int | None:
     return model.num_params()
 
 
+def distinguishing(override_lists: list[list[str]]) -> list[str]:
+    """Each list of overrides reduced to those that differ between the lists."""
+    shared = set.intersection(*map(set, override_lists)) if len(override_lists) > 1 else set()
+    return [" ".join(o for o in overrides if o not in shared) for overrides in override_lists]
+
+
 def labels(runs: list[Run]) -> list[str]:
-    """Each run named by the overrides that differ between runs (all of them if only one)."""
-    shared = set.intersection(*(set(r.overrides) for r in runs)) if len(runs) > 1 else set()
-    names = [" ".join(o for o in r.overrides if o not in shared) for r in runs]
-    return [name or r.path.name for name, r in zip(names, runs, strict=True)]
+    """Each run named by the overrides that differ between runs (its folder if none do)."""
+    names = distinguishing([run.overrides for run in runs])
+    return [name or run.path.name for name, run in zip(names, runs, strict=True)]
 
 
-def summarize(run: Run, label: str) -> dict:
-    val = run.column("val/loss")
-    tokens, wall = run.last("train/tokens"), run.last("train/elapsed_s")
-    return {
+def _without(overrides: list[str], *keys: str) -> list[str]:
+    return [o for o in overrides if o.lstrip("+").partition("=")[0] not in keys]
+
+
+def metric_columns(metric: str) -> list[str]:
+    name = metric.split("/", 1)[1]
+    return [f"best {metric}", f"final {metric}", f"val_full/{name}", f"val_last/{name}"]
+
+
+def summarize(run: Run, label: str, metric: str) -> dict:
+    best = min if run.mode == "min" else max
+    name = metric.split("/", 1)[1]
+    tokens = run.last("train/tokens")
+    row = {
         "run": label,
         "params": run.params,
         "steps": int(max(run.column("step"), default=0)),
         "tokens": None if tokens is None else int(tokens),
-        "wall_s": wall,
-        "best val/loss": min(val, default=None),
-        "final val/loss": run.last("val/loss"),
-        "val_full/loss": run.last("val_full/loss"),
+        "wall_s": run.last("train/elapsed_s"),
+        f"best {metric}": best(run.column(metric), default=None),
+        f"final {metric}": run.last(metric),
+        f"val_full/{name}": run.last(f"val_full/{name}"),
+        f"val_last/{name}": run.last(f"val_last/{name}"),
     }
+    reference = (run.config.get("reference") or {}).get(metric)
+    return row | ({"reference": reference} if reference is not None else {})
 
 
 def _cell(column: str, value) -> str:
     if value is None:
         return "-"
+    if isinstance(value, tuple):  # (mean, std) over seeds
+        return f"{_cell(column, value[0])} ± {_cell(column, value[1])}"
     if isinstance(value, int):
         return f"{value:,}"
     if isinstance(value, float):
@@ -122,62 +191,193 @@ def _cell(column: str, value) -> str:
     return str(value)
 
 
-def write_table(rows: list[dict], out: Path) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_cell(c, row[c]) for c in COLUMNS) + " |" for row in rows]
+def write_table(rows: list[dict], columns: list[str], out: Path, name: str) -> str:
+    """rows as `name`.md (returned) and `name`.csv; a (mean, std) cell is two CSV columns."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(c, row.get(c)) for c in columns) + " |" for row in rows]
     table = "\n".join(lines) + "\n"
-    (out / "comparison.md").write_text(table)
-    with open(out / "comparison.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+    (out / f"{name}.md").write_text(table)
+    flat_rows = []
+    for row in rows:
+        flat = {}
+        for column in columns:
+            value = row.get(column)
+            if isinstance(value, tuple):
+                flat[f"{column} mean"], flat[f"{column} std"] = value
+            else:
+                flat[column] = value
+        flat_rows.append(flat)
+    with open(out / f"{name}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(flat_rows[0]))
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(flat_rows)
     return table
 
 
-def plot_curves(runs: list[Run], names: list[str], out: Path) -> Path:
+def _mean_std(values: list) -> tuple[float, float] | None:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def by_setting(runs: list[Run], rows: list[dict], metric: str) -> list[dict] | None:
+    """Mean and std over runs that differ only in their seed; None if no setting repeats."""
+    settings = distinguishing([_without(run.overrides, "seed") for run in runs])
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for setting, row in zip(settings, rows, strict=True):
+        groups[setting].append(row)
+    if all(len(group) == 1 for group in groups.values()):
+        return None
+    summary = []
+    for setting, group in groups.items():
+        entry = {"setting": setting or "(all runs)", "runs": len(group)}
+        for column in ["wall_s", *metric_columns(metric)]:
+            entry[column] = _mean_std([row[column] for row in group])
+        entry["reference"] = group[0].get("reference")
+        summary.append(entry)
+    return summary
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_curves(runs: list[Run], names: list[str], metric: str, out: Path) -> Path:
+    plt = _pyplot()
     # The legend goes below the panels, one line per run, so long override names fit.
     fig, axes = plt.subplots(1, len(CURVE_AXES), figsize=(15, 4.2 + 0.22 * len(runs)),
                              sharey=True, layout="constrained")
     values = []
     for i, (run, name) in enumerate(zip(runs, names, strict=True)):
         style = ("-", "--", ":")[i // 10 % 3]  # the colour cycle repeats after 10 runs
-        rows = [row for row in run.metrics if "val/loss" in row]
-        values += [row["val/loss"] for row in rows]
-        for ax, (key, _) in zip(axes, CURVE_AXES, strict=True):
-            points = [(row[key], row["val/loss"]) for row in rows if key in row]
+        rows = [row for row in run.metrics if metric in row]
+        values += [row[metric] for row in rows]
+        for ax, (key, _, _) in zip(axes, CURVE_AXES, strict=True):
+            # Lightning logs a validation after step N as step N-1: count completed steps.
+            points = [(row[key] + (key == "step"), row[metric]) for row in rows
+                      if row.get(key, 0) > 0 or key == "step"]
             if points:
                 ax.plot(*zip(*points, strict=True), style, marker="o", markersize=3,
                         label=name if ax is axes[0] else None)
-    for ax, (_, title) in zip(axes, CURVE_AXES, strict=True):
-        ax.set_xlabel(title)
-        ax.grid(alpha=0.3)
-        ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4))
-    axes[0].set_ylabel("val/loss (fixed validation windows)")
-    if values:  # the first evaluations are far above the rest: zoom on where runs differ
+    for ax, (_, title, scale) in zip(axes, CURVE_AXES, strict=True):
+        ax.set_xlabel(title + (" (log scale)" if scale == "log" else ""))
+        ax.set_xscale(scale)
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_ylabel(f"{metric} during training")
+    if values and metric.endswith("loss"):  # the first evaluations are far above the rest
         low = min(values)
         axes[0].set_ylim(low - 0.02 * low, min(max(values), 1.35 * low) + 0.01)
     fig.legend(loc="outside lower center", fontsize=8, frameon=False)
-    fig.suptitle(f"Validation loss of {len(runs)} run{'s' * (len(runs) > 1)}")
+    fig.suptitle(f"Validation {metric} of {len(runs)} run{'s' * (len(runs) > 1)}")
     path = out / "val_curves.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
 
 
-def compare(paths: list[str], out: Path | None = None) -> list[dict]:
+def fit_power_law(x: list[float], y: list[float]) -> tuple[float, float, float]:
+    """(a, alpha, c) of y = a * x^-alpha + c, least squares in y.
+
+    For each floor c on a grid below min(y), log(y - c) is linear in log(x); the c whose
+    line fits y best wins. Needs at least three points.
+    """
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if len(x) < 3:
+        raise UserError(f"a power law needs at least 3 points, these runs give {len(x)}")
+    best = (math.inf, 0.0, 0.0, 0.0)
+    for c in np.linspace(0.0, y.min(), 400, endpoint=False):
+        slope, intercept = np.polyfit(np.log(x), np.log(y - c), 1)
+        a, alpha = math.exp(intercept), -slope
+        error = float(np.sum((a * x ** -alpha + c - y) ** 2))
+        if error < best[0]:
+            best = (error, a, alpha, float(c))
+    return best[1:]
+
+
+def _x_value(run: Run, row: dict, key: str) -> float | str | None:
+    if key in DERIVED_KEYS:
+        return row[key]
+    value = run.override(key)
+    return value if value is None or _number(value) is None else _number(value)
+
+
+def plot_versus(runs: list[Run], rows: list[dict], metric: str, key: str, fit: bool,
+                out: Path) -> Path:
+    """The final metric against `key`, mean +- std over seeds, one line per other setting."""
+    series_of = (["all runs"] * len(runs) if key in DERIVED_KEYS else
+                 distinguishing([_without(run.overrides, key, "seed") for run in runs]))
+    points: dict[str, dict] = defaultdict(lambda: defaultdict(list))
+    for run, row, series in zip(runs, rows, series_of, strict=True):
+        x, y = _x_value(run, row, key), run.final(metric)
+        if x is None or y is None:
+            raise UserError(f"run {run.path} has no {key} or no final {metric}; pick a key "
+                            f"that every run overrides, or {' or '.join(DERIVED_KEYS)}")
+        points[series or "all runs"][x].append(y)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.8), layout="constrained")
+    for series, by_x in points.items():
+        xs = sorted(by_x, key=lambda v: (isinstance(v, str), v))
+        stats = [_mean_std(by_x[x]) for x in xs]
+        means, stds = [s[0] for s in stats], [s[1] for s in stats]
+        line = ax.errorbar([str(x) for x in xs] if isinstance(xs[0], str) else xs, means,
+                           yerr=stds if any(stds) else None, marker="o", capsize=3,
+                           linestyle="-" if not fit else "none", label=series)
+        if fit:
+            a, alpha, c = fit_power_law(xs, means)
+            grid = np.geomspace(min(xs), max(xs), 100)
+            ax.plot(grid, a * grid ** -alpha + c, color=line[0].get_color(),
+                    label=f"fit: {a:.3g} * {key}^-{alpha:.3f} + {c:.3f}")
+            print(f"power law over {len(xs)} points: {metric} = {a:.4g} * {key}^-{alpha:.4f}"
+                  f" + {c:.4f}")
+    if fit:
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+    reference = rows[0].get("reference")
+    if reference is not None and len({row.get("reference") for row in rows}) == 1:
+        ax.axhline(reference, color="grey", linestyle=":", label=f"reference {reference}")
+    ax.set_xlabel(key + (" (non-embedding parameters)" if key == "params" else ""))
+    ax.set_ylabel(f"final {metric} (whole val split, last weights)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    ax.set_title(f"{metric} against {key}" + (" (mean ± std over seeds)" if any(
+        len(ys) > 1 for by_x in points.values() for ys in by_x.values()) else ""))
+    path = out / f"{metric.replace('/', '_')}_vs_{key.replace('/', '_')}.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def compare(paths: list[str], out: Path | None = None, versus: str | None = None,
+            fit: bool = False) -> list[dict]:
     runs = [load_run(folder) for folder in find_runs(paths)]
+    metrics = sorted({run.metric for run in runs})
+    if len(metrics) > 1:
+        raise UserError(f"these runs optimise different metrics ({', '.join(metrics)}); "
+                        f"compare runs of one task at a time")
+    metric = metrics[0]
     out = Path(out or (paths[0] if len(paths) == 1 else "."))
     out.mkdir(parents=True, exist_ok=True)
     names = labels(runs)
-    rows = [summarize(run, name) for run, name in zip(runs, names, strict=True)]
-    print(write_table(rows, out))
-    png = plot_curves(runs, names, out)
-    print(f"written: {out / 'comparison.md'}, {out / 'comparison.csv'}, {png}")
+    rows = [summarize(run, name, metric) for run, name in zip(runs, names, strict=True)]
+    reference = ["reference"] if any("reference" in row for row in rows) else []
+    columns = RUN_COLUMNS + metric_columns(metric) + reference
+    print(write_table(rows, columns, out, "comparison"))
+    written = [out / "comparison.md", out / "comparison.csv"]
+    settings = by_setting(runs, rows, metric)
+    if settings:
+        print(write_table(settings, ["setting", "runs", "wall_s", *metric_columns(metric),
+                                     *reference], out, "comparison_by_setting"))
+        written += [out / "comparison_by_setting.md", out / "comparison_by_setting.csv"]
+    written.append(plot_curves(runs, names, metric, out))
+    if versus:
+        written.append(plot_versus(runs, rows, metric, versus, fit, out))
+    print("written: " + ", ".join(map(str, written)))
     return rows
 
 
@@ -186,9 +386,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("paths", nargs="+", help="run folders, or a folder holding runs")
     parser.add_argument("--out", help="where to write the table and plots (default: the "
                         "single folder given, else the current folder)")
+    parser.add_argument("--versus", help="plot the final metric against this override key, "
+                        "or against params or tokens")
+    parser.add_argument("--fit", action="store_true",
+                        help="with --versus: fit and draw y = a * x^-alpha + c (log-log)")
     args = parser.parse_args(argv)
     try:
-        compare(args.paths, args.out)
+        compare(args.paths, args.out, args.versus, args.fit)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

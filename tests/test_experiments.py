@@ -1,0 +1,145 @@
+"""Sweeps, launchers and the experiment= reproductions, run through train.py with debug=fast."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+
+from gptlab.utils.config import register_resolvers
+from tests.conftest import REPO, run_entry, wandb_records
+
+FAST = ("debug=fast", "hardware=cpu")
+
+
+def sweep_runs(out: str) -> list[Path]:
+    """The job folders that train.py printed, in order, without the shared pretraining."""
+    return [Path(line.split(": ", 1)[1]) for line in out.splitlines()
+            if line.startswith("run folder: ") and "/shared/" not in line]
+
+
+def table(path: Path) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def final(run: Path, name: str) -> float:
+    return json.loads((run / "results.json").read_text())[name]
+
+
+@pytest.mark.slow
+def test_optuna_search_runs_three_trials_and_reports_the_best(workspace):
+    out = run_entry("train.py", "hparams_search=pretrain_optuna", *workspace.args, *FAST,
+                    "logger=csv", "hydra.sweeper.n_trials=3",
+                    "hydra.sweeper.sampler.n_startup_trials=2")
+    runs = sweep_runs(out)
+    assert len(runs) == 3
+    best = yaml.safe_load((runs[0].parent / "optimization_results.yaml").read_text())
+    # The sweeper minimised what train() returned: each trial's best val/loss.
+    assert best["best_value"] == pytest.approx(min(final(run, "val/loss") for run in runs))
+    assert set(best["best_params"]) == {"task.optimizer.lr", "data.batch_size",
+                                        "model.dropout", "model.n_layer", "model.n_embd"}
+
+
+@pytest.mark.slow
+def test_submitit_local_launcher_runs_two_jobs(workspace):
+    out = run_entry("train.py", "-m", "hydra/launcher=submitit_local", *workspace.args, *FAST,
+                    "model=nano", "logger=csv", "task.optimizer.lr=1e-3,3e-3")
+    assert "Submitit 'local' sweep output dir" in out
+    sweep = Path(out.split("sweep output dir : ")[1].split()[0])
+    for job in ("0", "1"):  # each job ran in a process of its own and finished
+        assert json.loads((sweep / job / "results.json").read_text())["steps"] == 6
+    assert (sweep / "comparison.md").read_text().count("task.optimizer.lr=") == 2
+
+
+@pytest.mark.parametrize("search", ["pretrain_optuna", "classify_optuna"])
+def test_every_search_space_composes_with_its_task(search):
+    register_resolvers()
+    task = search.split("_")[0]
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", [f"task={task}", f"hparams_search={search}"],
+                      return_hydra_config=True)
+    sweeper = cfg.hydra.sweeper
+    assert sweeper.direction == f"{cfg.optimized_mode}imize" and sweeper.sampler.seed
+    assert cfg.optimized_metric == {"pretrain": "val/loss", "classify": "val/acc"}[task]
+
+
+def test_slurm_launcher_gives_every_gpu_a_task():
+    register_resolvers()
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", ["hydra/launcher=slurm", "hardware=multi_gpu",
+                                "hydra.launcher.partition=gpu",
+                                "hydra.launcher.gpus_per_node=4"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher") and launcher.partition == "gpu"
+    assert launcher.tasks_per_node == 4 and cfg.trainer.strategy == "ddp"
+
+
+@pytest.mark.slow
+def test_gpt1_ablation_pretrains_once_then_fine_tunes_every_variant(workspace):
+    args = ("experiment=gpt1_ablation", *workspace.args, *FAST, "logger=many")
+    out = run_entry("train.py", *args, "ablation=full,no_pretraining", "seed=1,2")
+    assert out.count("Pretraining once for this sweep") == 1
+    assert out.count("Starting from the shared pretraining run") == 1  # full, seed 2
+    runs = sweep_runs(out)
+    sweep = runs[0].parent
+    assert len(runs) == 4 and (sweep / "val_curves.png").is_file()
+
+    rows = table(sweep / "comparison_by_setting.csv")
+    assert [(r["setting"], r["runs"]) for r in rows] == [("ablation=full", "2"),
+                                                        ("ablation=no_pretraining", "2")]
+    for row, jobs in zip(rows, (runs[:2], runs[2:]), strict=True):
+        accuracies = [final(run, "val_last/acc") for run in jobs]
+        assert float(row["val_last/acc mean"]) == pytest.approx(statistics.fmean(accuracies))
+        assert float(row["val_last/acc std"]) == pytest.approx(statistics.stdev(accuracies))
+    assert [r["reference"] for r in rows] == ["0.913", "0.84"]  # GPT-1's published figures
+
+    (wandb_file,) = (runs[0] / "wandb").glob("offline-run-*/run-*.wandb")
+    summaries = {r.metric.name: r.metric.summary for r in wandb_records(wandb_file)
+                 if r.HasField("metric")}
+    assert summaries["val/acc"].max and summaries["val/loss"].min
+
+
+
+@pytest.mark.slow
+def test_gpt1_layers_and_scaling_draw_their_figures(workspace):
+    out = run_entry("train.py", "experiment=gpt1_layers", *workspace.args, *FAST,
+                    "logger=csv", "task.transfer_layers=0,4")
+    # The ablation's pretraining (logger=many) is reused: the logger does not change it.
+    shared = workspace.root / "logs" / "pretrain" / "shared"
+    assert len([p for p in shared.iterdir() if p.is_dir()]) == 1
+    sweep = sweep_runs(out)[0].parent
+    assert (sweep / "val_acc_vs_task.transfer_layers.png").is_file()
+
+    out = run_entry("train.py", "experiment=scaling", *workspace.args, *FAST, "logger=csv",
+                    "model.n_embd=32,48,64")
+    sweep = sweep_runs(out)[0].parent
+    assert (sweep / "val_loss_vs_params.png").is_file() and "power law over 3 points" in out
+    assert [int(r["params"]) for r in table(sweep / "comparison.csv")] == sorted(
+        int(r["params"]) for r in table(sweep / "comparison.csv"))
+
+    out = run_entry("train.py", "experiment=scaling_tokens", *workspace.args, *FAST,
+                    "logger=csv", "trainer.max_steps=3,6,9")
+    sweep = sweep_runs(out)[0].parent
+    assert [int(r["tokens"]) for r in table(sweep / "comparison.csv")] == [
+        steps * 4 * 64 for steps in (3, 6, 9)]
+    assert (sweep / "val_loss_vs_tokens.png").is_file()
+
+
+@pytest.mark.slow
+def test_every_single_run_experiment_runs_with_debug_fast(workspace):
+    experiments = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("[!_]*.yaml")
+                         if "MULTIRUN" not in p.read_text())
+    assert len(experiments) >= 5
+    # One multirun over the experiments (the GPU recipe on the CPU, uncompiled).
+    out = run_entry("train.py", "-m", f"experiment={','.join(experiments)}", *workspace.args,
+                    *FAST, "logger=csv", "task.compile=false")
+    runs = sweep_runs(out)
+    assert len(runs) == len(experiments)
+    for run in runs:
+        assert json.loads((run / "results.json").read_text())["steps"] == 6
