@@ -19,6 +19,10 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 if "GPTLAB_DATA_MIRROR" not in os.environ and SHARED_DATA.is_dir():
     os.environ["GPTLAB_DATA_MIRROR"] = str(SHARED_DATA)
 os.environ.setdefault("WANDB_MODE", "offline")
+# Under pytest-xdist (make test runs one worker per core), each worker and the entry points
+# it starts use one thread: two workers of two threads each on two cores run slower.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def run_entry(script: str, *args: str, cwd: Path | None = None, expect_rc: int = 0,

@@ -104,6 +104,16 @@ def test_gpt1_ablation_pretrains_once_then_fine_tunes_every_variant(workspace):
                  if r.HasField("metric")}
     assert summaries["val/acc"].max and summaries["val/loss"].min
 
+    # A pretraining that crashed after its last checkpoint is kept and resumed, not redone.
+    (shared,) = [p for p in (workspace.root / "logs" / "pretrain" / "shared").iterdir()
+                 if p.is_dir()]
+    (shared / "results.json").unlink()
+    out = run_entry("train.py", *args, "ablation=no_aux_lm", "seed=1")
+    (crashed,) = shared.parent.glob(f"{shared.name}.crashed-*")
+    assert (crashed / "csv" / "metrics.csv").is_file()
+    assert f"ckpt_path={shared}/checkpoints/last.ckpt" in out
+    assert json.loads((shared / "results.json").read_text())["steps"] == 6
+
 
 
 @pytest.mark.slow
@@ -112,7 +122,7 @@ def test_gpt1_layers_and_scaling_draw_their_figures(workspace):
                     "logger=csv", "task.transfer_layers=0,4")
     # The ablation's pretraining (logger=many) is reused: the logger does not change it.
     shared = workspace.root / "logs" / "pretrain" / "shared"
-    assert len([p for p in shared.iterdir() if p.is_dir()]) == 1
+    assert len([p for p in shared.iterdir() if p.is_dir() and "crashed" not in p.name]) == 1
     sweep = sweep_runs(out)[0].parent
     assert (sweep / "val_acc_vs_task.transfer_layers.png").is_file()
 

@@ -97,3 +97,9 @@ def test_corrupt_checkpoint(untouched, tmp_path):
     bad.write_bytes(b"\x00garbage" * 100)
     line = fails("generate.py", f"ckpt={bad}")
     assert "corrupt" in line and str(bad) in line
+
+
+def test_init_from_and_a_shared_pretraining_together(workspace, untouched):
+    line = fails("train.py", "experiment=gpt1_ablation", "ablation=full", "seed=1",
+                 *workspace.args, "debug=fast", "logger=csv", "task.init_from=/some/run")
+    assert "task.init_from=/some/run" in line and "pretrain_once=null" in line

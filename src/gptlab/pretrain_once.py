@@ -19,6 +19,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -70,10 +71,11 @@ def _train(run_dir: Path, overrides: list[str]) -> None:
     if run_dir.exists():  # an attempt that crashed: keep its logs, go on from its last.ckpt
         crashed = run_dir.with_name(f"{run_dir.name}.crashed-{time.strftime('%Y%m%d-%H%M%S')}")
         run_dir.rename(crashed)
-        last = crashed / "checkpoints" / "last.ckpt"
-        if last.is_file():
-            args.append(f"ckpt_path={last}")
         log.info("The shared pretraining had crashed (moved to %s); starting it again", crashed)
+        if (crashed / "checkpoints" / "last.ckpt").is_file():
+            # Copied back, so the best checkpoint so far is where the resumed run expects it.
+            shutil.copytree(crashed / "checkpoints", run_dir / "checkpoints")
+            args.append(f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}")
     train_py = Path(os.environ.get("GPTLAB_ROOT", ".")) / "train.py"
     log.info("Pretraining once for this sweep: train.py %s", " ".join(args))
     proc = subprocess.run([sys.executable, str(train_py), *args])

@@ -16,7 +16,7 @@ Every multirun ends with this comparison in its sweep folder (hydra.callbacks.co
 - val_curves.png: the validation curves against step, tokens and wall time.
 - with --versus KEY (an override such as task.transfer_layers, or params, or tokens): the
   final whole-split metric against it, <metric>_vs_<KEY>.png; with --fit, a power law
-  y = a * x^-alpha + c fitted over the points and drawn on log-log axes (scaling laws).
+  y = a * x^-alpha + c fitted over the points, on a log x axis (scaling laws).
 
 Everything is read from the run folders' own files (.hydra/config.yaml and overrides.yaml,
 csv/metrics.csv, model_config.json), so a crashed run shows what it logged before.
@@ -43,7 +43,7 @@ from gptlab.models.gpt import GPT, GPTConfig
 
 RUN_COLUMNS = ["run", "params", "steps", "tokens", "wall_s"]
 CURVE_AXES = [("step", "optimizer steps", "linear"), ("val/tokens", "tokens seen", "log"),
-              ("val/elapsed_s", "wall seconds", "log")]
+              ("val/elapsed_s", "wall seconds", "log")]  # log: for loss curves only
 DERIVED_KEYS = ("params", "tokens")  # --versus keys read from the runs, not their overrides
 
 
@@ -239,6 +239,25 @@ def by_setting(runs: list[Run], rows: list[dict], metric: str) -> list[dict] | N
     return summary
 
 
+def _compact(value: float, _position=None) -> str:
+    """2k, 50k, 1.5M: tick labels short enough not to overlap."""
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if value >= size:
+            return f"{value / size:g}{unit}"
+    return f"{value:g}"
+
+
+def _log_x(ax) -> None:
+    """A log x axis with ticks at 1, 2 and 5 times each power of ten, labelled compactly."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_xscale("log")
+    axis = ax.xaxis
+    axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(_compact))
+    axis.set_minor_formatter(NullFormatter())
+
+
 def _pyplot():
     import matplotlib
 
@@ -249,25 +268,33 @@ def _pyplot():
 
 
 def plot_curves(runs: list[Run], names: list[str], metric: str, out: Path) -> Path:
+    """Validation curves; the seeds of one setting share a colour, with a line style each."""
     plt = _pyplot()
+    settings = distinguishing([_without(run.overrides, "seed") for run in runs])
+    colours = {setting: f"C{i % 10}" for i, setting in enumerate(dict.fromkeys(settings))}
+    repeats: dict[str, int] = defaultdict(int)
+    # Loss curves fall like power laws: log axes spread out the early part of training.
+    scales = [scale if metric.endswith("loss") else "linear" for _, _, scale in CURVE_AXES]
     # The legend goes below the panels, one line per run, so long override names fit.
     fig, axes = plt.subplots(1, len(CURVE_AXES), figsize=(15, 4.2 + 0.22 * len(runs)),
                              sharey=True, layout="constrained")
     values = []
-    for i, (run, name) in enumerate(zip(runs, names, strict=True)):
-        style = ("-", "--", ":")[i // 10 % 3]  # the colour cycle repeats after 10 runs
+    for run, name, setting in zip(runs, names, settings, strict=True):
+        style = ("-", "--", ":", "-.")[repeats[setting] % 4]
+        repeats[setting] += 1
         rows = [row for row in run.metrics if metric in row]
         values += [row[metric] for row in rows]
-        for ax, (key, _, _) in zip(axes, CURVE_AXES, strict=True):
+        for ax, (key, _, _), scale in zip(axes, CURVE_AXES, scales, strict=True):
             # Lightning logs a validation after step N as step N-1: count completed steps.
             points = [(row[key] + (key == "step"), row[metric]) for row in rows
-                      if row.get(key, 0) > 0 or key == "step"]
+                      if key in row and (scale == "linear" or row[key] > 0)]
             if points:
-                ax.plot(*zip(*points, strict=True), style, marker="o", markersize=3,
-                        label=name if ax is axes[0] else None)
-    for ax, (_, title, scale) in zip(axes, CURVE_AXES, strict=True):
+                ax.plot(*zip(*points, strict=True), style, color=colours[setting], marker="o",
+                        markersize=3, label=name if ax is axes[0] else None)
+    for ax, (_, title, _), scale in zip(axes, CURVE_AXES, scales, strict=True):
         ax.set_xlabel(title + (" (log scale)" if scale == "log" else ""))
-        ax.set_xscale(scale)
+        if scale == "log":
+            _log_x(ax)
         ax.grid(alpha=0.3, which="both")
     axes[0].set_ylabel(f"{metric} during training")
     if values and metric.endswith("loss"):  # the first evaluations are far above the rest
@@ -310,7 +337,7 @@ def _x_value(run: Run, row: dict, key: str) -> float | str | None:
 def plot_versus(runs: list[Run], rows: list[dict], metric: str, key: str, fit: bool,
                 out: Path) -> Path:
     """The final metric against `key`, mean +- std over seeds, one line per other setting."""
-    series_of = (["all runs"] * len(runs) if key in DERIVED_KEYS else
+    series_of = (["runs"] * len(runs) if key in DERIVED_KEYS else
                  distinguishing([_without(run.overrides, key, "seed") for run in runs]))
     points: dict[str, dict] = defaultdict(lambda: defaultdict(list))
     for run, row, series in zip(runs, rows, series_of, strict=True):
@@ -318,7 +345,7 @@ def plot_versus(runs: list[Run], rows: list[dict], metric: str, key: str, fit: b
         if x is None or y is None:
             raise UserError(f"run {run.path} has no {key} or no final {metric}; pick a key "
                             f"that every run overrides, or {' or '.join(DERIVED_KEYS)}")
-        points[series or "all runs"][x].append(y)
+        points[series or "runs"][x].append(y)
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.8), layout="constrained")
     for series, by_x in points.items():
@@ -335,16 +362,18 @@ def plot_versus(runs: list[Run], rows: list[dict], metric: str, key: str, fit: b
                     label=f"fit: {a:.3g} * {key}^-{alpha:.3f} + {c:.3f}")
             print(f"power law over {len(xs)} points: {metric} = {a:.4g} * {key}^-{alpha:.4f}"
                   f" + {c:.4f}")
-    if fit:
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-    reference = rows[0].get("reference")
-    if reference is not None and len({row.get("reference") for row in rows}) == 1:
-        ax.axhline(reference, color="grey", linestyle=":", label=f"reference {reference}")
+    if fit:  # y stays linear: with the floor c, the curve is not a line on log y anyway
+        _log_x(ax)
+    if not fit and all(isinstance(x, float) and x.is_integer() for by_x in points.values()
+                       for x in by_x):
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel(key + (" (non-embedding parameters)" if key == "params" else ""))
     ax.set_ylabel(f"final {metric} (whole val split, last weights)")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    if len(points) > 1 or fit:
+        ax.legend(fontsize=8)
     ax.set_title(f"{metric} against {key}" + (" (mean ± std over seeds)" if any(
         len(ys) > 1 for by_x in points.values() for ys in by_x.values()) else ""))
     path = out / f"{metric.replace('/', '_')}_vs_{key.replace('/', '_')}.png"
@@ -389,7 +418,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--versus", help="plot the final metric against this override key, "
                         "or against params or tokens")
     parser.add_argument("--fit", action="store_true",
-                        help="with --versus: fit and draw y = a * x^-alpha + c (log-log)")
+                        help="with --versus: fit and draw y = a * x^-alpha + c (log x axis)")
     args = parser.parse_args(argv)
     try:
         compare(args.paths, args.out, args.versus, args.fit)
