@@ -58,7 +58,7 @@ scaling: install  ## loss against model size and against tokens, with power-law 
 	$(BIN)/python train.py experiment=scaling $(ARGS)
 	$(BIN)/python train.py experiment=scaling_tokens $(ARGS)
 
-# pytest-xdist workers, each with one thread (tests/conftest.py); on 2 cores about 9 minutes.
+# pytest-xdist workers, each with one thread (tests/conftest.py); 2 cores: about 9.5 minutes.
 TEST_WORKERS ?= 2
 test: install  ## run the test suite
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) $(ARGS)
