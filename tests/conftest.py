@@ -37,9 +37,14 @@ def run_entry(script: str, *args: str, cwd: Path | None = None, expect_rc: int =
     return output
 
 
+def run_folders(output: str) -> list[Path]:
+    """Every run folder that train.py reported ("run folder: ..."), in order."""
+    return [Path(folder) for folder in re.findall(r"^run folder: (.+)$", output, re.MULTILINE)]
+
+
 def run_folder(output: str) -> Path:
     """The run folder that train.py reports on its last line of standard output."""
-    return Path(re.findall(r"^run folder: (.+)$", output, re.MULTILINE)[-1])
+    return run_folders(output)[-1]
 
 
 def metrics_column(run: Path, name: str) -> list[float]:

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
 from gptlab.reporting.compare import compare
-from tests.conftest import metrics_column, run_entry, run_folder, wandb_records
+from tests.conftest import metrics_column, run_entry, run_folder, run_folders, wandb_records
 
 
 def test_train_writes_a_complete_run_folder(trained_runs):
@@ -85,8 +84,7 @@ def test_ddp_on_two_cpu_processes_in_a_multirun(workspace):
     """Each job trains on two ranks; the second rank re-runs its job, never the whole sweep."""
     out = run_entry("train.py", "-m", *workspace.args, "model=nano", "debug=fast",
                     "logger=csv", "hardware=ddp_cpu", "task.optimizer.lr=1e-3,3e-3")
-    runs = sorted({Path(line.split(": ", 1)[1]) for line in out.splitlines()
-                   if line.startswith("run folder: ")})
+    runs = sorted(set(run_folders(out)))
     sweep = runs[0].parent
     assert [run.name for run in runs] == ["0", "1"] and runs[1].parent == sweep
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
@@ -153,8 +151,7 @@ def test_own_text_files_and_a_hugging_face_dataset_train(workspace, tmp_path):
 def test_a_multirun_sweep_writes_one_folder_per_run_and_one_wandb_group(workspace, tmp_path):
     out = run_entry("train.py", "-m", *workspace.args, "model=nano", "debug=fast",
                     "logger=many", "task.optimizer.lr=1e-3,3e-3", "data.batch_size=4,8")
-    runs = [Path(line.split(": ", 1)[1]) for line in out.splitlines()
-            if line.startswith("run folder: ")]
+    runs = run_folders(out)
     sweep = runs[0].parent
     assert len(set(runs)) == 4 and all(run.parent == sweep for run in runs)
     group = f"pretrain-{sweep.name}".encode()

@@ -12,15 +12,14 @@ import yaml
 from hydra import compose, initialize_config_dir
 
 from gptlab.utils.config import register_resolvers
-from tests.conftest import REPO, run_entry, wandb_records
+from tests.conftest import REPO, run_entry, run_folders, wandb_records
 
 FAST = ("debug=fast", "hardware=cpu")
 
 
 def sweep_runs(out: str) -> list[Path]:
     """The job folders that train.py printed, in order, without the shared pretraining."""
-    return [Path(line.split(": ", 1)[1]) for line in out.splitlines()
-            if line.startswith("run folder: ") and "/shared/" not in line]
+    return [run for run in run_folders(out) if run.parent.name != "shared"]
 
 
 def table(path: Path) -> list[dict]:

@@ -79,9 +79,8 @@ class Run:
 
     def override(self, key: str) -> str | None:
         for override in self.overrides:
-            name, _, value = override.lstrip("+").partition("=")
-            if name == key:
-                return value
+            if _key(override) == key:
+                return override.partition("=")[2]
         return None
 
 
@@ -151,8 +150,13 @@ def labels(runs: list[Run]) -> list[str]:
     return [name or run.path.name for name, run in zip(names, runs, strict=True)]
 
 
+def _key(override: str) -> str:
+    """`+model.dropout=0.1` -> `model.dropout`."""
+    return override.lstrip("+~").partition("=")[0]
+
+
 def _without(overrides: list[str], *keys: str) -> list[str]:
-    return [o for o in overrides if o.lstrip("+").partition("=")[0] not in keys]
+    return [o for o in overrides if _key(o) not in keys]
 
 
 def metric_columns(metric: str) -> list[str]:
@@ -162,19 +166,17 @@ def metric_columns(metric: str) -> list[str]:
 
 def summarize(run: Run, label: str, metric: str) -> dict:
     best = min if run.mode == "min" else max
-    name = metric.split("/", 1)[1]
     tokens = run.last("train/tokens")
+    best_column, final_column, *whole_split = metric_columns(metric)
     row = {
         "run": label,
         "params": run.params,
         "steps": int(max(run.column("step"), default=0)),
         "tokens": None if tokens is None else int(tokens),
         "wall_s": run.last("train/elapsed_s"),
-        f"best {metric}": best(run.column(metric), default=None),
-        f"final {metric}": run.last(metric),
-        f"val_full/{name}": run.last(f"val_full/{name}"),
-        f"val_last/{name}": run.last(f"val_last/{name}"),
-    }
+        best_column: best(run.column(metric), default=None),
+        final_column: run.last(metric),
+    } | {column: run.last(column) for column in whole_split}
     reference = (run.config.get("reference") or {}).get(metric)
     return row | ({"reference": reference} if reference is not None else {})
 
