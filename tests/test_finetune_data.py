@@ -32,9 +32,9 @@ def labeled(tmp_path) -> dict[str, str]:
             "val": write(tmp_path / "val.tsv", "text\tlabel\ngood movie\t1\nbad movie\t0\n")}
 
 
-def classification(files, **kwargs) -> ClassificationDataModule:
-    return ClassificationDataModule("toy", LabeledFiles(files), block_size=16, batch_size=4,
-                                    tokenizer="char", **kwargs)
+def classification(files, batch_size: int = 4, **kwargs) -> ClassificationDataModule:
+    return ClassificationDataModule("toy", LabeledFiles(files), block_size=16,
+                                    batch_size=batch_size, tokenizer="char", **kwargs)
 
 
 def test_tsv_csv_and_jsonl_read_the_same_rows(tmp_path):
@@ -125,10 +125,19 @@ def test_length_buckets_cover_every_example_once_with_similar_lengths():
     random_spread = sum(max(lengths[i:i + 10]) - min(lengths[i:i + 10])
                         for i in range(0, 1000, 10))
     assert spread < random_spread / 4  # far less padding than random batches
-    buckets.set_epoch(1)
-    assert list(buckets) != batches  # a new order each epoch...
-    buckets.set_epoch(0)
-    assert list(buckets) == batches  # ...that depends only on (seed, epoch)
+    second_epoch = list(buckets)  # each new iteration is the next epoch...
+    assert second_epoch != batches
+    again = LengthBuckets(lengths, batch_size=10, shuffle=True, seed=0, pool=10)
+    assert list(again) == batches and list(again) == second_epoch  # ...a function of the epoch
+
+
+def test_length_buckets_continue_mid_epoch_where_a_resumed_run_stopped():
+    lengths = torch.randint(1, 60, (100,)).tolist()
+    whole = LengthBuckets(lengths, 10, True, seed=5)
+    epochs = [list(whole), list(whole)]
+    resumed = LengthBuckets(lengths, 10, True, seed=5, start=13)  # 13 batches were trained on
+    assert list(resumed) == epochs[1][3:]  # the rest of epoch 1...
+    assert list(resumed) == [b.tolist() for b in whole.epoch_batches(2)]  # ...then epoch 2
 
 
 def test_length_buckets_shard_batches_across_ranks():
@@ -137,6 +146,73 @@ def test_length_buckets_shard_batches_across_ranks():
               for r in range(2)]
     assert len(shards[0]) == len(shards[1]) == 5
     assert not {i for b in shards[0] for i in b} & {i for b in shards[1] for i in b}
+
+
+def test_evaluation_batches_are_split_between_ranks_without_repeats():
+    lengths = list(range(1, 96))  # 10 batches of 10 (the last of 5) for 3 ranks
+    shards = [list(LengthBuckets(lengths, 10, False, rank=r, world_size=3)) for r in range(3)]
+    assert [len(s) for s in shards] == [4, 3, 3]
+    assert sorted(i for s in shards for b in s for i in b) == list(range(95))
+
+
+def test_a_trainer_gets_a_new_batch_order_every_epoch(labeled):
+    """Through Lightning itself, which never told the old sampler its epoch."""
+    import lightning as L
+
+    class Recorder(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+            self.seen: list[list[int]] = []
+
+        def training_step(self, batch, batch_idx):
+            self.seen.append(batch["input_ids"][:, 0].tolist() + batch["labels"].tolist())
+            return (self.weight * 0).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = classification(labeled)
+    data.prepare_data()
+    module = Recorder()
+    L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+              use_distributed_sampler=False).fit(module, datamodule=data)
+    assert len(module.seen) == 20
+    assert module.seen[:10] != module.seen[10:]
+
+
+def test_csv_fields_may_hold_newlines_and_line_separators(tmp_path):
+    path = write(tmp_path / "rows.csv", 'text,label\n"two\nlines",1\n"a\u2028b, c",0\n')
+    assert read_rows(Path(path)) == [{"text": "two\nlines", "label": "1"},
+                                     {"text": "a\u2028b, c", "label": "0"}]
+
+
+def test_a_row_with_a_stray_tab_is_an_error_naming_file_and_line(tmp_path):
+    path = write(tmp_path / "rows.tsv", "text\tlabel\ngood\t1\nbad\tstuff\t0\n")
+    with pytest.raises(UserError, match=r"rows.tsv line 3 has 3 fields but the header has 2"):
+        LabeledFiles({"train": path}).examples("train")
+
+
+def test_a_json_null_is_an_error_not_the_text_none(tmp_path):
+    path = write(tmp_path / "rows.jsonl", '{"text": "fine", "label": 1}\n'
+                                          '{"text": null, "label": 0}\n')
+    with pytest.raises(UserError, match=r"rows.jsonl line 2: 'text' is null"):
+        LabeledFiles({"train": path}).examples("train")
+
+
+def test_cut_classification_inputs_are_counted(tmp_path, caplog):
+    train = "text\tlabel\n" + "".join(f"{'word ' * (3 + i)}\t{i % 2}\n" for i in range(10))
+    data = classification({"train": write(tmp_path / "train.tsv", train)})
+    with caplog.at_level("WARNING", logger="gptlab"):
+        data.encoded("train")
+    # 15 characters ("word word word ") fit beside <|endoftext|>; every longer text is cut.
+    assert "9 of 10 train texts of 'toy' were cut to fit block_size=16" in caplog.text
+
+
+def test_batch_size_zero_is_a_user_error(labeled):
+    with pytest.raises(UserError, match="data.batch_size=0 must be positive"):
+        classification(labeled, batch_size=0)
 
 
 def test_new_tokenizers_have_the_fine_tuning_special_tokens(labeled):

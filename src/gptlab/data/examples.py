@@ -8,6 +8,7 @@ A file is named either by a registered public file (`sources.KNOWN_FILES`, e.g.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
@@ -37,30 +38,67 @@ def _file_format(path: Path, format: str | None) -> str:
     return format
 
 
-def read_rows(path: Path, format: str | None = None) -> list[dict[str, str]]:
-    """Rows of a TSV/CSV file with a header line, or of a JSON-lines file, as str dicts."""
+def read_rows(path: Path, format: str | None = None,
+              columns: tuple[str, ...] = ()) -> list[dict[str, str]]:
+    """Rows of a TSV/CSV file with a header line, or of a JSON-lines file, as str dicts.
+
+    The whole file goes through the CSV reader, so quoted fields may hold newlines (and a
+    U+2028 inside a text is just a character). A row with another number of fields than the
+    header, or without one of `columns` (or with null there), is an error naming the line:
+    a stray tab would otherwise shift the label column.
+    """
     format = _file_format(path, format)
     text = sources.read_text(path)
-    if format == "jsonl":
-        rows = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path} line {number} is not valid JSON ({exc.msg}); fix "
-                                f"the line") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path} line {number} is not a JSON object; write one "
-                                f"object per line")
-            rows.append({key: str(value) for key, value in row.items()})
-        return rows
+    numbered = _json_rows(path, text) if format == "jsonl" else _table_rows(path, text, format)
+    for number, row in numbered:
+        for column in columns:
+            if column not in row:
+                raise UserError(f"{path} has no column {column!r} (line {number} has: "
+                                f"{', '.join(row)}); set data.source's *column option to one "
+                                f"of them (e.g. data.source.text_column)")
+            if row[column] is None:
+                raise UserError(f"{path} line {number}: {column!r} is null; give every row a "
+                                f"value there")
+    return [row for _, row in numbered]
+
+
+def _json_rows(path: Path, text: str) -> list[tuple[int, dict]]:
+    rows = []
+    for number, line in enumerate(text.split("\n"), 1):  # JSON strings never hold a raw \n
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path} line {number} is not valid JSON ({exc.msg}); fix "
+                            f"the line") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path} line {number} is not a JSON object; write one "
+                            f"object per line")
+        rows.append((number, {key: None if value is None else str(value)
+                              for key, value in row.items()}))
+    return rows
+
+
+def _table_rows(path: Path, text: str, format: str) -> list[tuple[int, dict]]:
     # SST-2's TSV has quotes inside sentences and no quoting: read TSV fields literally.
-    quoting = csv.QUOTE_NONE if format == "tsv" else csv.QUOTE_MINIMAL
-    reader = csv.DictReader(text.splitlines(), delimiter="\t" if format == "tsv" else ",",
-                            quoting=quoting)
-    return list(reader)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if format == "tsv" else ",",
+                        quoting=csv.QUOTE_NONE if format == "tsv" else csv.QUOTE_MINIMAL)
+    header, rows = None, []
+    for fields in reader:
+        if not fields:
+            continue  # a blank line
+        if header is None:
+            header = fields
+            continue
+        if len(fields) != len(header):
+            raise UserError(
+                f"{path} line {reader.line_num} has {len(fields)} fields but the header has "
+                f"{len(header)} ({', '.join(header)}); fix the row (in a CSV file, quote a "
+                f"field that holds the delimiter)"
+            )
+        rows.append((reader.line_num, dict(zip(header, fields, strict=True))))
+    return rows
 
 
 class LabeledFiles:
@@ -80,25 +118,11 @@ class LabeledFiles:
 
     def examples(self, split: str) -> list[tuple[str, str]]:
         path = local_file(self.files[split], self.download_dir)
-        rows = read_rows(path, self.format)
+        rows = read_rows(path, self.format, (self.text_column, self.label_column))
         if not rows:
             raise UserError(f"labeled file {path} ({split} split) has no examples; give a "
                             f"file with a header line and at least one row")
-        for column in (self.text_column, self.label_column):
-            if column not in rows[0]:
-                which = "text" if column == self.text_column else "label"
-                raise UserError(
-                    f"{path} has no column {column!r} (columns: {', '.join(rows[0])}); set "
-                    f"data.source.{which}_column to one of them"
-                )
-        examples = []
-        for number, row in enumerate(rows, 2):
-            text, label = row.get(self.text_column), row.get(self.label_column)
-            if text is None or label is None:
-                raise UserError(f"{path} row {number} lacks the {self.text_column!r} or "
-                                f"{self.label_column!r} field; fix the row")
-            examples.append((text, label.strip()))
-        return examples
+        return [(row[self.text_column], row[self.label_column].strip()) for row in rows]
 
 
 class HFLabeled:

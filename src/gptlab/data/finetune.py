@@ -55,8 +55,11 @@ def separator_id(tokenizer: Tokenizer) -> int:
 
 def encode_texts(tokenizer: Tokenizer, texts: list[str], block_size: int) -> list[list[int]]:
     """Classifier inputs: text tokens (cut to fit the context) then <|endoftext|>."""
-    eos = eos_id(tokenizer)
-    return [ids[: block_size - 1] + [eos] for ids in tokenizer.encode_batch(texts)]
+    return with_eos(tokenizer.encode_batch(texts), block_size, eos_id(tokenizer))
+
+
+def with_eos(rows: list[list[int]], block_size: int, eos: int) -> list[list[int]]:
+    return [ids[: block_size - 1] + [eos] for ids in rows]
 
 
 def encode_sources(tokenizer: Tokenizer, texts: list[str], block_size: int) -> list[list[int]]:
@@ -75,46 +78,68 @@ def pad(rows: list[list[int]], value: int = PAD_ID) -> torch.Tensor:
 class LengthBuckets(Sampler[list[int]]):
     """Batches of similar length, in random order (training) or by length (evaluation).
 
-    Training: shuffle, cut into pools of `pool` batches, sort each pool by length, cut it into
-    batches, shuffle the batches. The order depends only on (seed, epoch). Under DDP each rank
-    takes every world_size-th batch (the same count on every rank).
+    Training: an epoch shuffles the examples, cuts them into pools of `pool` batches, sorts
+    each pool by length, cuts it into batches and shuffles the batches; its order depends
+    only on (seed, epoch). Under DDP rank r takes batches r, r + world_size, ... (the same
+    count on every rank). The sampler keeps its own place in the stream of epochs: it starts
+    after the first `start` batches of its rank (a resumed run passes the batches it already
+    trained on, so it continues mid-epoch exactly) and each new iteration is the next epoch.
+
+    Evaluation: every batch once across the ranks (rank r takes r, r + world_size, ...; no
+    padding with repeated batches, so every example is scored exactly once).
     """
 
     def __init__(self, lengths: list[int], batch_size: int, shuffle: bool, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, pool: int = 50):
+                 rank: int = 0, world_size: int = 1, pool: int = 50, start: int = 0):
         self.lengths = np.asarray(lengths)
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.rank, self.world_size, self.pool = rank, world_size, pool
-        self.epoch = 0
+        self.position = start  # batches of this rank handed out so far, over all epochs
 
-    def set_epoch(self, epoch: int) -> None:  # Lightning calls this at every epoch start
-        self.epoch = epoch
-
-    def _batches(self) -> list[np.ndarray]:
-        if not self.shuffle:
-            order = np.argsort(self.lengths, kind="stable")
-            return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        rng = np.random.default_rng([self.seed, self.epoch])
+    def epoch_batches(self, epoch: int) -> list[np.ndarray]:
+        """Every batch of one training epoch, for all ranks, in order."""
+        rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(len(self.lengths))
         span = self.batch_size * self.pool
         batches = []
-        for start in range(0, len(order), span):
-            chunk = order[start : start + span]
+        for begin in range(0, len(order), span):
+            chunk = order[begin : begin + span]
             chunk = chunk[np.argsort(self.lengths[chunk], kind="stable")]
-            batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk),
-                                                                       self.batch_size)]
+            batches += [chunk[i : i + self.batch_size]
+                        for i in range(0, len(chunk), self.batch_size)]
         rng.shuffle(batches)
         return batches
 
+    def _by_length(self) -> list[np.ndarray]:
+        order = np.argsort(self.lengths, kind="stable")
+        return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+
     def __iter__(self):
-        batches = self._batches()
-        usable = len(batches) - len(batches) % self.world_size
-        for batch in batches[self.rank : usable : self.world_size]:
+        if not self.shuffle:
+            for batch in self._by_length()[self.rank :: self.world_size]:
+                yield batch.tolist()
+            return
+        epoch, skip = divmod(self.position, len(self))
+        batches = self.epoch_batches(epoch)
+        mine = batches[self.rank : len(batches) - len(batches) % self.world_size
+                       : self.world_size]
+        for batch in mine[skip:]:
+            self.position += 1
             yield batch.tolist()
 
     def __len__(self) -> int:
         n = -(-len(self.lengths) // self.batch_size)
-        return n // self.world_size if self.shuffle else n
+        if self.shuffle:
+            return n // self.world_size
+        return len(range(self.rank, n, self.world_size))
+
+
+def evenly_spaced(lengths: list[int], max_tokens: int | None) -> list[int]:
+    """Indices of evenly spread examples whose tokens come to about max_tokens (all if None)."""
+    if max_tokens is None or sum(lengths) <= max_tokens:
+        return list(range(len(lengths)))
+    keep = max(1, min(len(lengths), int(max_tokens / (sum(lengths) / len(lengths)))))
+    return sorted(set(np.linspace(0, len(lengths) - 1, keep).round().astype(int).tolist()))
 
 
 class FinetuneDataModule(L.LightningDataModule):
@@ -124,6 +149,11 @@ class FinetuneDataModule(L.LightningDataModule):
                  tokenizer: str | Tokenizer = "bpe", vocab_size: int | None = None,
                  eval_batch_size: int | None = None, seed: int = 0, num_workers: int = 0):
         super().__init__()
+        for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size),
+                           ("num_workers", num_workers)):
+            if value is not None and (value < 0 or (value == 0 and key != "num_workers")):
+                raise UserError(f"data.{key}={value} must be positive"
+                                + (" (or 0)" if key == "num_workers" else ""))
         self.name, self.source = name, source
         self.block_size, self.batch_size = block_size, batch_size
         self.eval_batch_size = eval_batch_size or batch_size
@@ -176,25 +206,32 @@ class FinetuneDataModule(L.LightningDataModule):
         return self._encoded[split]
 
     # -- loaders -------------------------------------------------------------------------
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        rows = self.encoded(split)
-        rank, world = 0, 1
-        if shuffle and self.trainer is not None:
+    def _loader(self, rows: list[dict], shuffle: bool) -> DataLoader:
+        rank, world, start = 0, 1, 0
+        if self.trainer is not None:
             rank, world = self.trainer.global_rank, self.trainer.world_size
+            if shuffle:  # a resumed run goes on after the batches it already trained on
+                start = self.trainer.global_step * self.trainer.accumulate_grad_batches
         buckets = LengthBuckets([len(r["input_ids"]) for r in rows],
                                 self.batch_size if shuffle else self.eval_batch_size,
-                                shuffle, self.seed, rank, world)
+                                shuffle, self.seed, rank, world, start=start)
+        # Its own generator: creating an iterator then leaves the global RNG (dropout) alone.
         return DataLoader(rows, batch_sampler=buckets, collate_fn=self.collate,
-                          num_workers=self.num_workers)
+                          num_workers=self.num_workers,
+                          generator=torch.Generator().manual_seed(self.seed))
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        return self._loader(self.encoded("train"), shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+        return self.eval_dataloader("val")
 
-    def eval_dataloader(self, split: str = "val") -> DataLoader:
-        return self._loader(split, shuffle=False)
+    def eval_dataloader(self, split: str = "val", max_tokens: int | None = None) -> DataLoader:
+        """Every example of a split, or evenly spread ones up to about max_tokens tokens."""
+        rows = self.encoded(split)
+        keep = evenly_spaced([len(r["input_ids"]) for r in rows], max_tokens)
+        return self._loader([rows[i] for i in keep] if len(keep) < len(rows) else rows,
+                            shuffle=False)
 
 
 class ClassificationDataModule(FinetuneDataModule):
@@ -233,7 +270,12 @@ class ClassificationDataModule(FinetuneDataModule):
                     f"{text[:40]!r}) is not one of the labels {', '.join(self.labels)}; fix the "
                     f"data or list every label in data.labels"
                 )
-        ids = encode_texts(self.tokenizer, [text for text, _ in examples], self.block_size)
+        raw = self.tokenizer.encode_batch([text for text, _ in examples])
+        ids = with_eos(raw, self.block_size, eos_id(self.tokenizer))
+        cut = sum(len(row) > self.block_size - 1 for row in raw)
+        if cut:
+            log.warning("%d of %d %s texts of '%s' were cut to fit block_size=%d tokens",
+                        cut, len(ids), split, self.name, self.block_size)
         return [{"input_ids": row, "label": index[label]}
                 for row, (_, label) in zip(ids, examples, strict=True)]
 
