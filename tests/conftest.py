@@ -108,7 +108,7 @@ def workspace(tmp_path_factory) -> Workspace:
 def trained_runs(workspace) -> list[tuple[Path, str]]:
     """Two identical short runs started at the same moment: [(run folder, output), ...]."""
     args = (*workspace.args, "model=nano", "debug=fast", "logger=csv", "hardware=cpu",
-            "data.val_windows=4", "trainer.limit_val_batches=null")  # val_full/*: whole split
+            "data.val_windows=4", "final_eval_tokens=null")  # val_full/*: the whole split
     run_entry("train.py", *args, "trainer.max_steps=1")  # prepare the cache once
     procs = [start_entry("train.py", *args) for _ in range(2)]
     runs = []

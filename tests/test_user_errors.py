@@ -100,6 +100,12 @@ def test_corrupt_checkpoint(untouched, tmp_path):
 
 
 def test_init_from_and_a_shared_pretraining_together(workspace, untouched):
-    line = fails("train.py", "experiment=gpt1_ablation", "ablation=full", "seed=1",
-                 *workspace.args, "debug=fast", "logger=csv", "task.init_from=/some/run")
+    """A sweep (this experiment is one): the job fails, and the sweep says which and why."""
+    out = run_entry("train.py", "experiment=gpt1_ablation", "ablation=full", "seed=1",
+                    *workspace.args, "debug=fast", "logger=csv", "task.init_from=/some/run",
+                    expect_rc=1)
+    errors = {line for line in out.splitlines() if line.startswith("error: ")}
+    assert len(errors) == 1 and "Traceback" not in out
+    (line,) = errors
     assert "task.init_from=/some/run" in line and "pretrain_once=null" in line
+    assert "Error executing job with overrides: ['ablation=full', 'seed=1'" in out

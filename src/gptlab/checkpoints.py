@@ -1,24 +1,81 @@
-"""Finding and loading checkpoints: by file, or the best one of a run folder.
+"""Finding, writing and loading checkpoints: by file, or the best or last one of a run folder.
 
-Every checkpoint carries, under CHECKPOINT_KEY, the model config, the tokenizer and the data
-config of its run, so a checkpoint file alone is enough to evaluate or sample. Loading uses
-`torch.load(weights_only=True)`: a checkpoint can never run code on the loading machine.
+Every checkpoint carries, under CHECKPOINT_KEY, the model config, the tokenizer, the data
+config and the resolved run config of its run, so a checkpoint file alone is enough to
+evaluate, sample or resume. Loading uses `torch.load(weights_only=True)`, and the configs a
+checkpoint stores may only name gptlab's own data classes (`ALLOWED_TARGETS`): a checkpoint
+from anywhere can never run code on the loading machine. Writing goes through a temporary
+file in the checkpoint's own folder (`AtomicCheckpointIO`), so a crash at any moment leaves
+the previous checkpoint whole.
 """
 
 from __future__ import annotations
 
+import json
 import pickle
+import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from gptlab.data.tokenizers import Tokenizer
 from gptlab.errors import UserError
 from gptlab.models.gpt import GPT, GPTConfig
+from gptlab.utils.files import save_atomic
 
 CHECKPOINT_KEY = "gptlab"  # what a checkpoint carries besides the weights (GPTTask.artifacts)
+LAST = "last.ckpt"
+
+# The only classes a config stored in a checkpoint may build (evaluate.py rebuilds the run's
+# data from it). Hydra would instantiate any importable callable, e.g. pathlib.Path.write_text.
+ALLOWED_TARGETS = frozenset({
+    "gptlab.data.lm_datamodule.LMDataModule",
+    "gptlab.data.finetune.ClassificationDataModule",
+    "gptlab.data.finetune.Seq2SeqDataModule",
+    "gptlab.data.synthetic.SyntheticDataModule",
+    "gptlab.data.documents.KnownFile",
+    "gptlab.data.documents.TextFiles",
+    "gptlab.data.documents.HFDataset",
+    "gptlab.data.documents.TableColumn",
+    "gptlab.data.documents.Combined",
+    "gptlab.data.examples.LabeledFiles",
+    "gptlab.data.examples.HFLabeled",
+    "gptlab.data.examples.ParallelFiles",
+    "gptlab.data.examples.Multi30k",
+})
+# Where the loading machine keeps its files; a stored config's paths are the training machine's.
+LOCAL_PATH_KEYS = ("cache_dir", "download_dir")
+
+
+class UnsafeCheckpoint(UserError):
+    """A checkpoint whose stored config would build something other than gptlab's data."""
+
+
+def check_stored_config(config: Any, where: str, key: str = "") -> None:
+    """Refuse anything in a stored config that Hydra could turn into a call of foreign code."""
+    if isinstance(config, dict):
+        target = config.get("_target_")
+        if target is not None and target not in ALLOWED_TARGETS:
+            raise UnsafeCheckpoint(
+                f"{where} names {target!r} at {key or 'the top'}, which is not one of gptlab's "
+                f"data classes; nothing was run. Use a checkpoint you trust, or pass data=<config> "
+                f"to evaluate it on data you choose"
+            )
+        for name, value in config.items():
+            if isinstance(name, str) and name.startswith("_") and name != "_target_":
+                raise UnsafeCheckpoint(f"{where} has the Hydra key {name!r} at {key or 'the top'}"
+                                       f"; gptlab never stores one, so the file was altered")
+            check_stored_config(value, where, f"{key}.{name}" if key else str(name))
+    elif isinstance(config, list):
+        for i, value in enumerate(config):
+            check_stored_config(value, where, f"{key}[{i}]")
+    elif isinstance(config, str) and "${" in config:
+        raise UnsafeCheckpoint(f"{where} has an interpolation {config!r} at {key}; gptlab stores "
+                               f"resolved configs only, so the file was altered")
 
 
 @dataclass
@@ -34,6 +91,23 @@ class Checkpoint:
     @property
     def tokenizer(self) -> Tokenizer:
         return Tokenizer.from_str(self.artifacts["tokenizer"])
+
+    @property
+    def step(self) -> int:
+        return int(self.contents.get("global_step", 0))
+
+    @property
+    def run_config(self) -> dict | None:
+        """The resolved config of the run that wrote this checkpoint (None before gptlab 0.2)."""
+        return self.artifacts.get("run_config")
+
+    def data_config(self, local_paths: dict[str, str]) -> dict:
+        """The run's data config, checked against the allow-list, with this machine's folders."""
+        config = self.artifacts.get("data_config")
+        if not config:
+            raise UserError(f"checkpoint {self.path} carries no data config; pass data=<config>")
+        check_stored_config(config, f"the data config stored in {self.path}")
+        return _with_local_paths(config, local_paths)
 
     def weights(self) -> dict[str, torch.Tensor]:
         """The GPT's state dict (the task module keeps the model under `model.`)."""
@@ -51,13 +125,30 @@ class Checkpoint:
         """The whole task module (GPT plus any head), rebuilt from its hyperparameters."""
         from gptlab.tasks import TASKS  # tasks import this module
 
-        task_class = TASKS[self.artifacts["task"]]
+        task_class = TASKS.get(self.artifacts["task"])
+        if task_class is None:
+            raise UserError(f"checkpoint {self.path} is of an unknown task "
+                            f"{self.artifacts['task']!r}; known: {', '.join(TASKS)}")
         hparams = dict(self.contents.get("hyper_parameters", {}))
         hparams |= {"init_from": None, "compile": False}  # the weights come from here
-        task = task_class(**hparams, tokenizer=self.tokenizer,
-                          data_config=self.artifacts.get("data_config"))
+        try:
+            task = task_class(**hparams, tokenizer=self.tokenizer,
+                              data_config=self.artifacts.get("data_config"))
+        except TypeError as err:
+            raise UserError(f"checkpoint {self.path} does not fit this gptlab version's "
+                            f"{self.artifacts['task']} task ({err}); use the gptlab version "
+                            f"that wrote it") from None
         task.load_state_dict(self.contents["state_dict"])
         return task.eval()
+
+
+def _with_local_paths(config: Any, local_paths: dict[str, str]) -> Any:
+    if isinstance(config, dict):
+        return {key: local_paths[key] if key in local_paths and value is not None
+                else _with_local_paths(value, local_paths) for key, value in config.items()}
+    if isinstance(config, list):
+        return [_with_local_paths(value, local_paths) for value in config]
+    return config
 
 
 def find_checkpoint(run: str | None = None, ckpt: str | None = None) -> tuple[Path, Path | None]:
@@ -73,15 +164,30 @@ def find_checkpoint(run: str | None = None, ckpt: str | None = None) -> tuple[Pa
     run_dir = Path(run).expanduser()
     if not run_dir.is_dir():
         raise UserError(f"run folder {run_dir} does not exist; pass run=<logs/.../runs/...>")
-    candidates = sorted((run_dir / "checkpoints").glob("*.ckpt"))
-    best = [p for p in candidates if not p.name.startswith("last")]
-    if not candidates:
+    best = best_checkpoint(run_dir)
+    if best is None:
         raise UserError(
             f"run folder {run_dir} has no checkpoint in {run_dir / 'checkpoints'}; train it "
             f"longer (a checkpoint is written at each validation) or pass ckpt=<file>"
         )
-    # The checkpoint callback keeps one best file (save_top_k=1) besides last.ckpt.
-    return (best or candidates)[-1], run_dir
+    return best, run_dir
+
+
+def best_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint a run selected: the one its results.json names, else the best-step file
+    of the latest step (the callback keeps one), else last.ckpt."""
+    folder = run_dir / "checkpoints"
+    results = run_dir / "results.json"
+    if results.is_file():
+        named = json.loads(results.read_text()).get("best_checkpoint")
+        if named and (folder / Path(named).name).is_file():  # the run folder may have moved
+            return folder / Path(named).name
+    steps = {int(m[1]): p for p in folder.glob("best-*.ckpt")
+             if (m := re.search(r"step(\d+)", p.name))}
+    if steps:
+        return steps[max(steps)]
+    last = folder / LAST
+    return last if last.is_file() else None
 
 
 def load_pretrained(init_from: str) -> Checkpoint:
@@ -112,4 +218,21 @@ def load_checkpoint(path: Path, run_dir: Path | None = None) -> Checkpoint:
             f"{path} is not a gptlab checkpoint (it lacks the model config and tokenizer); "
             f"pass a checkpoint written by gptlab's train.py"
         )
-    return Checkpoint(path, run_dir, contents)
+    return Checkpoint(Path(path), run_dir, contents)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint IO, writing through a temp file in the target folder + rename.
+
+    Lightning's own atomic save stages the file in $TMPDIR, and across filesystems its final
+    move becomes a copy over the old checkpoint, with no fsync; a crash then can leave a
+    truncated last.ckpt. Loading is weights-only, whoever calls it.
+    """
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_atomic(path, lambda f: torch.save(checkpoint, f))
+
+    def load_checkpoint(self, path, map_location=None, weights_only: bool | None = None) -> dict:
+        return torch.load(path, map_location=map_location or "cpu", weights_only=True)

@@ -20,17 +20,34 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.utilities.seed import isolate_rng
 from omegaconf import DictConfig, OmegaConf, read_write
 from tqdm import tqdm
 
-from gptlab.checkpoints import Checkpoint, find_checkpoint, load_checkpoint, load_pretrained
+from gptlab import hardware
+from gptlab.callbacks import Preempted
+from gptlab.checkpoints import (
+    LAST,
+    Checkpoint,
+    find_checkpoint,
+    load_checkpoint,
+    load_pretrained,
+)
 from gptlab.data.sources import read_text
 from gptlab.data.tokenizers import KINDS, Tokenizer
 from gptlab.errors import UserError
 from gptlab.pretrain_once import pretrain_once
-from gptlab.tasks.base import GPTTask
+from gptlab.resume import (
+    check_same_training,
+    read_metric_rows,
+    run_config,
+    wandb_run_id,
+    write_metric_rows,
+)
+from gptlab.tasks.base import GPTTask, NonFiniteLoss
 from gptlab.utils.config import flatten, to_yaml
+from gptlab.utils.files import write_atomic
 
 log = logging.getLogger("gptlab")
 
@@ -53,51 +70,168 @@ def train(cfg: DictConfig) -> float | None:
 
 
 def _train(cfg: DictConfig) -> float | None:
+    run_dir = Path(cfg.paths.output_dir)
+    resume = _checkpoint_to_resume(cfg, run_dir)
     log.info("Config:\n%s", to_yaml(cfg))
     L.seed_everything(cfg.seed, workers=True)
-    run_dir = Path(cfg.paths.output_dir)
 
     if cfg.get("pretrain_once"):
         _start_from_shared_pretraining(cfg)
-    datamodule = instantiate(cfg.data, **_pretrained_tokenizer(cfg))
+    datamodule = instantiate(cfg.data, **_pretrained_tokenizer(cfg, resume))
     datamodule.prepare_data()
+    if resume is not None:
+        _check_same_tokenizer(datamodule.tokenizer, resume)
     model_config = instantiate(cfg.model, vocab_size=datamodule.vocab_size)
-    task = instantiate(
+    task: GPTTask = instantiate(
         cfg.task, _convert_="all", _recursive_=False, model_config=asdict(model_config),
         tokenizer=datamodule.tokenizer, data_config=OmegaConf.to_container(cfg.data, resolve=True),
-        **datamodule.task_arguments(),
+        run_config=run_config(cfg), **datamodule.task_arguments(),
+        **({"init_from": None} if resume is not None else {}),  # the checkpoint has the weights
     )
-    loggers = _instantiate_all(cfg.get("logger"))
+    hardware.set_matmul_precision(cfg.get("float32_matmul_precision"), cfg.trainer.accelerator)
+    precision = _precision(cfg, task, datamodule)
+    loggers = _loggers(cfg, run_dir, resume)
     trainer: L.Trainer = instantiate(
-        cfg.trainer, logger=loggers or False, callbacks=_instantiate_all(cfg.get("callbacks"))
+        cfg.trainer, precision=precision, logger=loggers or False,
+        callbacks=_instantiate_all(cfg.get("callbacks")),
     )
-    config_tree = OmegaConf.to_container(cfg, resolve=True)
+    if resume is None:
+        for logger in loggers:
+            params = {"model/params": task.model.num_params()}
+            logger.log_hyperparams(flatten(run_config(cfg)) | params)
     for logger in loggers:
-        logger.log_hyperparams(flatten(config_tree) | {"model/params": task.model.num_params()})
         if isinstance(logger, WandbLogger):
             _define_wandb_summaries(logger, task)
     if trainer.is_global_zero:
         _save_run_files(run_dir, task)
 
-    trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    try:
+        trainer.fit(task, datamodule=datamodule, ckpt_path=resume and resume.path,
+                    weights_only=True)
+    except Preempted as stop:
+        _stop_preempted(stop, run_dir, trainer)
+    except NonFiniteLoss as err:
+        raise UserError(f"{err}; {_last_good_checkpoint(run_dir)}") from err
 
-    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-    final = {}
-    # The whole validation split: first the weights training ended with, then the best ones.
-    for prefix, ckpt_path in (("val_last", None), ("val_full", best or None)):
-        task.eval_prefix = prefix
-        final |= _metrics(trainer.validate(task, dataloaders=datamodule.eval_dataloader("val"),
-                                           ckpt_path=ckpt_path, verbose=False))
+    results = _final_scores(cfg, trainer, task, datamodule)
     for logger in loggers:
         logger.finalize("success")
         if isinstance(logger, WandbLogger):
             logger.experiment.finish()  # the next job of a multirun starts a run of its own
-    monitored = trainer.checkpoint_callback.best_model_score if best else None
-    metric = cfg.optimized_metric
-    results = {metric: None if monitored is None else float(monitored), **final}
     if trainer.is_global_zero:
-        _report_training(task, results, metric, best, trainer.global_step, run_dir)
-    return results.get(metric)
+        _report_training(task, results, cfg.optimized_metric, run_dir)
+    return results.get(cfg.optimized_metric)
+
+
+def _checkpoint_to_resume(cfg: DictConfig, run_dir: Path) -> Checkpoint | None:
+    """What this run continues from: ckpt_path, else its own folder's last.ckpt (resume=...
+    points the run at its folder; a requeued job lands in it by itself)."""
+    if cfg.get("ckpt_path"):
+        path = Path(cfg.ckpt_path).expanduser()
+        if not path.is_file():
+            raise UserError(f"ckpt_path={cfg.ckpt_path} does not exist; pass a checkpoint file, "
+                            f"or resume=<run folder> to continue a run in its own folder")
+    else:
+        path = run_dir / "checkpoints" / LAST
+        if not path.is_file():
+            if cfg.get("resume"):
+                raise UserError(f"resume: {run_dir} has no checkpoints/{LAST} to continue from "
+                                f"(it stopped before its first checkpoint); start a new run")
+            return None
+    checkpoint = load_checkpoint(path)
+    check_same_training(run_config(cfg), checkpoint)
+    log.info("Continuing the run in %s from %s (step %d)", run_dir, path, checkpoint.step)
+    return checkpoint
+
+
+def _check_same_tokenizer(tokenizer: Tokenizer, resume: Checkpoint) -> None:
+    if tokenizer.to_str() != resume.artifacts["tokenizer"]:
+        raise UserError(f"the data now gives another tokenizer than the one {resume.path} was "
+                        f"trained with: the data changed since; a resume needs the same data")
+
+
+def _precision(cfg: DictConfig, task: GPTTask, datamodule) -> str:
+    """The configured precision, or for `auto` the one this machine runs this model best in."""
+    requested, accelerator = cfg.trainer.get("precision", "32-true"), cfg.trainer.accelerator
+    timer = None
+    if (str(requested) == hardware.AUTO and not hardware.on_gpu(accelerator)
+            and hardware.cpu_bf16_feature()):
+        with isolate_rng():
+            batch = next(iter(datamodule.train_dataloader()))
+        timer = hardware.step_timer(task, lambda: task.training_loss(batch)[0])
+    precision, why = hardware.resolve_precision(requested, accelerator, timer)
+    if str(requested) == hardware.AUTO and os.environ.get("LOCAL_RANK", "0") == "0":
+        print(f"precision: {precision} ({why})", flush=True)
+    return precision
+
+
+def _loggers(cfg: DictConfig, run_dir: Path, resume: Checkpoint | None) -> list:
+    """The configured loggers; a resumed run continues its W&B run and its metrics.csv."""
+    loggers = []
+    for node in (cfg.get("logger") or {}).values():
+        if not node or "_target_" not in node:
+            continue
+        extra = {}
+        if resume is not None and node._target_.endswith("WandbLogger"):
+            run_id = wandb_run_id(run_dir)
+            extra = {"id": run_id, "resume": "allow"} if run_id else {}
+        loggers.append(instantiate(node, **extra))
+    if resume is not None:
+        for logger in loggers:
+            if isinstance(logger, CSVLogger):
+                _keep_metric_rows(logger, resume.step)
+    return loggers
+
+
+def _keep_metric_rows(logger: CSVLogger, step: int) -> None:
+    """Lightning's CSV writer deletes an existing metrics.csv; keep the rows up to `step`."""
+    path = Path(logger.log_dir) / "metrics.csv"
+    header, rows = read_metric_rows(path, step)
+    writer = logger.experiment  # created now: it removes the file
+    if header:
+        write_metric_rows(path, header, rows)
+        writer.metrics_keys = sorted(header)
+
+
+def _stop_preempted(stop: Preempted, run_dir: Path, trainer: L.Trainer) -> None:
+    if trainer.is_global_zero:
+        print(f"stopped: {stop}; saved {stop.checkpoint}. Continue with: python train.py "
+              f"resume={run_dir}", file=sys.stderr, flush=True)
+        stop.requeue()
+    sys.exit(stop.exit_code)
+
+
+def _last_good_checkpoint(run_dir: Path) -> str:
+    last = run_dir / "checkpoints" / LAST
+    if not last.is_file():
+        return "no checkpoint was written before it"
+    return f"the last good checkpoint is {last} (step {load_checkpoint(last).step})"
+
+
+def _final_scores(cfg: DictConfig, trainer: L.Trainer, task: GPTTask, datamodule) -> dict:
+    """The validation split scored with the last weights (val_last/*) and the best (val_full/*).
+
+    Once when the last weights are the best. trainer.limit_val_batches limits the periodic
+    validations only; final_eval_tokens caps these passes on large corpora (LM tasks).
+    """
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    monitored = trainer.checkpoint_callback.best_model_score if best else None
+    loader = task.final_eval_loader(datamodule, cfg.get("final_eval_tokens"))
+    trainer.limit_val_batches = 1.0
+    task.eval_prefix = "val_last"
+    results = _metrics(trainer.validate(task, dataloaders=loader, verbose=False))
+    if best and load_checkpoint(Path(best)).step != trainer.global_step:
+        task.eval_prefix = "val_full"
+        results |= _metrics(trainer.validate(task, dataloaders=loader, ckpt_path=best,
+                                             verbose=False, weights_only=True))
+    else:  # the best checkpoint holds the last weights: same scores
+        same = {name.replace("val_last/", "val_full/"): value for name, value in results.items()}
+        for logger in trainer.loggers:
+            logger.log_metrics(same, step=trainer.global_step)
+        results |= same
+    metric = cfg.optimized_metric
+    return {metric: None if monitored is None else float(monitored), **results,
+            "best_checkpoint": best or None, "steps": trainer.global_step}
 
 
 def _define_wandb_summaries(logger: WandbLogger, task: GPTTask) -> None:
@@ -144,11 +278,13 @@ def _start_from_shared_pretraining(cfg: DictConfig) -> None:
     cfg.task.init_from = str(pretrain_once(cfg.pretrain_once, cfg.paths.log_dir, job_overrides))
 
 
-def _pretrained_tokenizer(cfg: DictConfig) -> dict:
+def _pretrained_tokenizer(cfg: DictConfig, resume: Checkpoint | None = None) -> dict:
     """With task.init_from, the data is tokenized by the pretrained run's tokenizer."""
     init_from = cfg.task.get("init_from")
     if not init_from:
         return {}
+    if resume is not None:  # the pretrained run may be gone; its tokenizer travels on
+        return {"tokenizer": resume.tokenizer}
     tokenizer = load_pretrained(init_from).tokenizer
     given = cfg.data.get("tokenizer")
     is_path = isinstance(given, str) and given not in KINDS  # else a kind to train
@@ -163,20 +299,19 @@ def _pretrained_tokenizer(cfg: DictConfig) -> dict:
 
 def _save_run_files(run_dir: Path, task: GPTTask) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    task.tokenizer.save(run_dir / "tokenizer.json")
-    (run_dir / "model_config.json").write_text(json.dumps(task.hparams.model_config, indent=2))
+    write_atomic(run_dir / "tokenizer.json", task.tokenizer.to_str())
+    write_atomic(run_dir / "model_config.json", json.dumps(task.hparams.model_config, indent=2))
 
 
-def _report_training(task: GPTTask, results: dict, metric: str, best: str, steps: int,
-                     run_dir: Path) -> None:
-    summary = {"best_checkpoint": best or None, "steps": steps, **results}
-    (run_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+def _report_training(task: GPTTask, results: dict, metric: str, run_dir: Path) -> None:
+    write_atomic(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
     parts = [f"{prefix}/{name} {results[f'{prefix}/{name}']:.4f}"
              for prefix in ("val_full", "val_last") for name in task.summary_metrics]
+    scope = task.final_eval_scope()
     lines = [f"{metric} {results[metric]:.4f} (best validation, selects the checkpoint)"
              if results[metric] is not None else f"{metric}: no validation ran",
-             " | ".join(parts[: len(task.summary_metrics)]) + " (best checkpoint, whole val split)",
-             " | ".join(parts[len(task.summary_metrics) :]) + " (last step, whole val split)"]
+             " | ".join(parts[: len(task.summary_metrics)]) + f" (best checkpoint, {scope})",
+             " | ".join(parts[len(task.summary_metrics) :]) + f" (last step, {scope})"]
     print("\n" + "\n".join(lines) + f"\nrun folder: {run_dir}")
 
 
@@ -193,16 +328,21 @@ def _task_of(ckpt: Checkpoint, cfg: DictConfig) -> GPTTask:
     return task
 
 
+def _local_paths(cfg: DictConfig) -> dict[str, str]:
+    return {"cache_dir": cfg.paths.cache_dir, "download_dir": f"{cfg.paths.data_dir}/downloads"}
+
+
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Score a checkpoint on a split with its task's metrics; print and save a report."""
     ckpt = _open_checkpoint(cfg)
     task = _task_of(ckpt, cfg)
-    data_cfg = cfg.data if cfg.get("data") else OmegaConf.create(ckpt.artifacts["data_config"])
+    data_cfg = cfg.data or OmegaConf.create(ckpt.data_config(_local_paths(cfg)))
     datamodule = instantiate(data_cfg, tokenizer=ckpt.tokenizer)
     split = cfg.split or task.default_eval_split
+    precision, _ = hardware.resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
     trainer: L.Trainer = instantiate(
-        cfg.trainer, logger=False, callbacks=[], devices=1, strategy="auto",
-        enable_checkpointing=False, enable_model_summary=False,
+        cfg.trainer, precision=precision, logger=False, callbacks=[], devices=1,
+        strategy="auto", enable_checkpointing=False, enable_model_summary=False,
     )
     results = {}
     for prefix, loader in task.evaluation_passes(datamodule, split):
@@ -212,7 +352,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     out = _evaluation_file(ckpt, split)
     report = {"checkpoint": str(ckpt.path), "split": split, **results,
               **task.evaluation_details()}
-    out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    write_atomic(out, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     print(f"written to {out}")
     return results
 
@@ -222,11 +362,27 @@ def _evaluation_file(ckpt: Checkpoint, split: str) -> Path:
     return folder / f"evaluation-{ckpt.path.stem}-{split}.json"
 
 
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"device={name} is not a device; use auto, cpu, cuda or cuda:<index>") \
+            from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device={name}, but this machine has no CUDA GPU that torch can use; "
+                        f"use device=cpu (or device=auto)")
+    return device
+
+
 def generate(cfg: DictConfig) -> list[str]:
     """What a run is for: continue text (pretrain), label texts (classify), translate (seq2seq)."""
+    device = _device(cfg.device)
+    if cfg.get("output_file") and not Path(cfg.output_file).expanduser().parent.is_dir():
+        raise UserError(f"output_file={cfg.output_file}: its folder does not exist; create it "
+                        f"or choose another path")
     ckpt = _open_checkpoint(cfg)
-    device = torch.device(cfg.device if cfg.device != "auto" else
-                          ("cuda" if torch.cuda.is_available() else "cpu"))
     task_name = ckpt.artifacts["task"]
     if task_name == "pretrain":
         return _continue_text(cfg, ckpt, device)
@@ -238,8 +394,7 @@ def generate(cfg: DictConfig) -> list[str]:
     else:
         outputs = task.translate(texts, cfg.batch_size)
     if cfg.get("output_file"):
-        Path(cfg.output_file).write_text("".join(line + "\n" for line in outputs),
-                                         encoding="utf-8")
+        write_atomic(Path(cfg.output_file).expanduser(), "".join(line + "\n" for line in outputs))
         print(f"{len(outputs)} lines written to {cfg.output_file}")
     else:
         print("\n".join(outputs))

@@ -1,20 +1,28 @@
 """What every task shares: the GPT, its optimizer and schedule, training logs, checkpoints.
 
 A task is a LightningModule around `models.gpt.GPT`. Subclasses say how a batch becomes a
-loss (`training_step`), what validation measures, and what a checkpoint must carry for
+loss (`training_loss`), what validation measures, and what a checkpoint must carry for
 evaluate.py and generate.py to rebuild them (`artifacts`). Fine-tuning starts from a
 pretrained run through `init_from` (weights only; the optimizer starts fresh).
+
+Checkpoints also carry what an exact resume needs beyond Lightning's own state: every RNG
+state, the running means of the current logging window and the tokens and time so far.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import random
+import re
 import time
 from dataclasses import asdict, fields
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.distributed.fsdp import FullyShardedDataParallel
 
 from gptlab.checkpoints import CHECKPOINT_KEY, load_pretrained
 from gptlab.data.lm_datamodule import IGNORE_INDEX
@@ -22,8 +30,12 @@ from gptlab.data.tokenizers import Tokenizer
 from gptlab.errors import UserError
 from gptlab.models.gpt import GPT, GPTConfig
 
+log = logging.getLogger("gptlab")
+
 # Fields that may differ between a pretrained model and the model it initialises.
 _TRAINING_ONLY_FIELDS = {"dropout", "n_layer"}
+# Wrappers that FSDP, activation checkpointing and torch.compile put into parameter names.
+_WRAPPER_NAMES = re.compile(r"(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)\.")
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
@@ -40,6 +52,78 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float 
         logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX,
         label_smoothing=label_smoothing,
     )
+
+
+class NonFiniteLoss(UserError):
+    """The training loss became NaN or infinite; the run stops rather than train on garbage."""
+
+    def __init__(self, step: int):
+        super().__init__(
+            f"the training loss is not finite at step {step}; the run stopped there. Lower "
+            f"task.optimizer.lr or trainer.gradient_clip_val, or set task.skip_nonfinite=true to "
+            f"skip such steps"
+        )
+        self.step = step
+
+
+class FirstNonFiniteStep:
+    """Remembers the first step whose loss was not finite, without waiting for the GPU.
+
+    On the CPU the value is at hand, so the check is immediate. On an accelerator a per-step
+    host read would stall the pipeline; the first bad step is kept on the device instead and
+    read at every logging interval and before any checkpoint is written, so no checkpoint
+    ever holds weights trained on a non-finite loss.
+    """
+
+    def __init__(self, immediate: bool | None = None) -> None:
+        self.immediate = immediate  # None: on the CPU only
+        self._first: torch.Tensor | None = None
+
+    def update(self, loss: torch.Tensor, step: int) -> None:
+        bad = ~torch.isfinite(loss.detach())
+        if self.immediate or (self.immediate is None and loss.device.type == "cpu"):
+            if bad:
+                raise NonFiniteLoss(step)
+            return
+        if self._first is None:
+            self._first = torch.full((), -1, dtype=torch.long, device=loss.device)
+        self._first = torch.where(bad & (self._first < 0), step, self._first)
+
+    def check(self) -> None:
+        if self._first is not None and (step := int(self._first)) >= 0:
+            raise NonFiniteLoss(step)
+
+
+def rng_states() -> dict:
+    """Every random generator a training step may draw from (dropout, sampling, data), as
+    plain bytes and ints: loadable with weights_only and sendable between DDP ranks."""
+    kind, keys, *rest = np.random.get_state()
+    states = {
+        "torch": _bytes(torch.get_rng_state()),
+        "numpy": [kind, keys.tobytes(), *rest],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = [_bytes(state) for state in torch.cuda.get_rng_state_all()]
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    torch.set_rng_state(_tensor(states["torch"]))
+    kind, keys, *rest = states["numpy"]
+    np.random.set_state((kind, np.frombuffer(keys, dtype=np.uint32), *rest))
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([_tensor(state) for state in states["cuda"]])
+
+
+def _bytes(state: torch.Tensor) -> bytes:
+    return state.numpy().tobytes()
+
+
+def _tensor(state: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(state), dtype=torch.uint8)
 
 
 class GPTTask(L.LightningModule):
@@ -59,13 +143,15 @@ class GPTTask(L.LightningModule):
         transfer_layers: int | None = None,
         freeze_backbone: bool = False,
         backbone_lr_scale: float = 1.0,
+        skip_nonfinite: bool = False,
         tokenizer: Tokenizer | None = None,
         data_config: dict | None = None,
+        run_config: dict | None = None,
     ):
         super().__init__()
         if isinstance(model_config, GPTConfig):
             model_config = asdict(model_config)
-        self.save_hyperparameters(ignore=["tokenizer", "data_config"])
+        self.save_hyperparameters(ignore=["tokenizer", "data_config", "run_config"])
         self.model = GPT(GPTConfig(**model_config))
         if init_from:
             self._load_pretrained(init_from, transfer_layers)
@@ -73,11 +159,15 @@ class GPTTask(L.LightningModule):
             self.model.requires_grad_(False)
         if compile:
             self.model.compile()
-        self.tokenizer, self.data_config = tokenizer, data_config
+        self.tokenizer, self.data_config, self.run_config = tokenizer, data_config, run_config
         self.eval_prefix = "val"  # the pipeline's final passes log as val_last/* and val_full/*
         self.tokens_seen, self.elapsed_s = 0, 0.0
+        self.skipped_steps = 0
         self._step_clock: float | None = None
         self._last_logged_step = -1
+        self._nonfinite = FirstNonFiniteStep()
+        self._rng_to_restore: dict | None = None
+        self._param_ndims: dict[str, int] = {}
         self._reset_window()
 
     # -- initialisation from a pretrained run -------------------------------------------
@@ -105,9 +195,28 @@ class GPTTask(L.LightningModule):
                             f"(unexpected {unexpected[:3]}, missing {missing[:3]})")
 
     # -- training ------------------------------------------------------------------------
+    def training_loss(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss to minimise, extra per-step figures to report as train/<name>)."""
+        raise NotImplementedError
+
     def batch_tokens(self, batch) -> int:
         """Tokens in a batch, for throughput; subclasses count their real (unpadded) tokens."""
         raise NotImplementedError
+
+    def training_step(self, batch, batch_idx: int):
+        loss, figures = self.training_loss(batch)
+        if self.hparams.skip_nonfinite:
+            finite = bool(torch.isfinite(loss.detach()))
+            # Under DDP every rank must skip together, or the gradient all-reduce hangs.
+            if not self.trainer.strategy.reduce_boolean_decision(finite, all=True):
+                self.skipped_steps += 1
+                log.warning("skipped step %d: the loss is not finite (%d skipped so far)",
+                            self.trainer.global_step, self.skipped_steps)
+                return None
+        else:
+            self._nonfinite.update(loss, self.trainer.global_step)
+        self.record(loss=loss, **figures)
+        return loss
 
     def record(self, **losses: torch.Tensor) -> None:
         """Add this step's losses to the running means reported every log_every_n_steps."""
@@ -118,6 +227,12 @@ class GPTTask(L.LightningModule):
     def on_train_start(self) -> None:
         self._fit_started = time.perf_counter() - self.elapsed_s  # elapsed_s survives a resume
         self._step_clock = None
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        if self._rng_to_restore is not None:
+            # Here, not at load time: the loaders and the sanity check come in between.
+            set_rng_states(self._rng_to_restore)
+            self._rng_to_restore = None
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         """Every log_every_n_steps: losses, LR, tokens seen, wall time and throughput.
@@ -136,7 +251,10 @@ class GPTTask(L.LightningModule):
         step = self.trainer.global_step
         if step % self.trainer.log_every_n_steps or step == self._last_logged_step:
             return
+        self._nonfinite.check()
         self._last_logged_step = step
+        if not self._window_batches:  # every step of the window was skipped
+            return
         # Means over the steps since the last report.
         metrics = {f"train/{name}": float(total / self._window_batches)
                    for name, total in self._window_sums.items()}
@@ -145,6 +263,8 @@ class GPTTask(L.LightningModule):
             "train/tokens": self.tokens_seen,
             "train/elapsed_s": self.elapsed_s,
         }
+        if self.skipped_steps:
+            metrics["train/skipped_steps"] = self.skipped_steps
         if self._window_time > 0:
             metrics["train/tokens_per_s"] = self._window_tokens / self._window_time
         for logger in self.loggers:
@@ -157,34 +277,78 @@ class GPTTask(L.LightningModule):
         self._window_batches = 0
         self._window_time, self._window_tokens = 0.0, 0
 
+    def on_validation_start(self) -> None:
+        if self.trainer.state.fn == "fit":
+            self._nonfinite.check()  # never validate, and so checkpoint, diverged weights
+
     def on_validation_end(self) -> None:
         self._step_clock = None  # the next step's time would include this validation
 
+    def fitting_validation(self) -> bool:
+        """A validation of the training loop proper (not the sanity check, not a final pass)."""
+        return (self.eval_prefix == "val" and self.trainer.state.fn == "fit"
+                and not self.trainer.sanity_checking)
+
     def log_progress(self) -> None:
         """Tokens and time beside each val metric, so time-to-metric reads off one CSV row."""
-        if self.eval_prefix == "val" and self.trainer.state.fn == "fit":
+        if self.fitting_validation():
             self.log_dict({"val/tokens": float(self.tokens_seen), "val/elapsed_s": self.elapsed_s})
 
+    # -- optimizer -----------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        # Shapes before any strategy wraps the model: FSDP hands the optimizer flat shards.
+        self._param_ndims = {_plain_name(n): p.dim() for n, p in self.named_parameters()}
+
     def configure_optimizers(self):
-        """AdamW without decay on biases and norms; the backbone's LR scaled by its own factor."""
+        """AdamW without decay on biases and norms; the backbone's LR scaled by its own factor.
+
+        Fused AdamW (one kernel for all parameters) unless a GradScaler (fp16) is in use: its
+        gradients must be unscaled before clipping, which a fused step would do only later.
+        """
         opt = dict(self.hparams.optimizer)
         weight_decay = opt.pop("weight_decay", 0.0)
         lr = opt.pop("lr")
-        backbone = {id(p) for p in self.model.parameters()}
-        groups = []
-        for params, scale in (
-            ([p for p in self.parameters() if id(p) in backbone], self.hparams.backbone_lr_scale),
-            ([p for p in self.parameters() if id(p) not in backbone], 1.0),
-        ):
-            params = [p for p in params if p.requires_grad]
-            groups += [
-                {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay,
-                 "lr": lr * scale},
-                {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0,
-                 "lr": lr * scale},
-            ]
-        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, **opt)
+        if opt.get("fused") and self._uses_grad_scaler():
+            log.info("AdamW runs unfused: fp16's gradient scaler must unscale before clipping")
+            opt["fused"] = False
+        groups: dict[tuple[bool, bool], list] = {}
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                name = _plain_name(name)
+                decays = self._param_ndims.get(name, p.dim()) >= 2  # matrices, not biases/norms
+                groups.setdefault((name.startswith("model."), decays), []).append(p)
+        scale = self.hparams.backbone_lr_scale
+        param_groups = [
+            {"params": params, "weight_decay": weight_decay if decays else 0.0,
+             "lr": lr * (scale if backbone else 1.0)}
+            # The backbone's matrices first: train/lr reports the first group's rate.
+            for (backbone, decays), params in sorted(groups.items(), reverse=True)
+        ]
+        optimizer = torch.optim.AdamW(param_groups, lr=lr, **opt)
         return {"optimizer": optimizer, "lr_scheduler": self._scheduler(optimizer)}
+
+    def _uses_grad_scaler(self) -> bool:
+        return getattr(self.trainer.precision_plugin, "scaler", None) is not None
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None,
+                                    gradient_clip_algorithm=None) -> None:
+        """Clip the global gradient norm here rather than in Lightning's precision plugins.
+
+        Those refuse to clip for a fused optimizer under any mixed precision (though bf16 never
+        scales gradients, and fp16 runs unfused here), and FSDP's refuses norm clipping, which
+        FSDP's own clip_grad_norm_ does correctly over the shards.
+        """
+        if not gradient_clip_val:
+            return
+        if gradient_clip_algorithm not in (None, "norm"):
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        wrapped = self.trainer.strategy.model
+        if isinstance(wrapped, FullyShardedDataParallel):
+            wrapped.clip_grad_norm_(gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(
+                [p for p in self.parameters() if p.grad is not None], gradient_clip_val)
 
     def _scheduler(self, optimizer):
         s = self.hparams.scheduler
@@ -202,26 +366,59 @@ class GPTTask(L.LightningModule):
 
     # -- checkpoints ---------------------------------------------------------------------
     def artifacts(self) -> dict:
-        """What evaluate.py and generate.py need besides the weights and hyperparameters."""
+        """What evaluate.py, generate.py and a resume need besides weights and hyperparameters."""
         return {
             "task": self.task_name,
             "model_config": dict(self.hparams.model_config),
             "tokenizer": self.tokenizer.to_str() if self.tokenizer else None,
             "data_config": self.data_config,
+            "run_config": self.run_config,
         }
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self._nonfinite.check()
+        for logger in self.loggers:
+            logger.save()  # the metrics up to this checkpoint survive a crash after it
         checkpoint[CHECKPOINT_KEY] = self.artifacts()
         checkpoint[CHECKPOINT_KEY]["progress"] = {
             "tokens_seen": self.tokens_seen, "elapsed_s": self.elapsed_s,
+            "skipped_steps": self.skipped_steps, "last_logged_step": self._last_logged_step,
+            "window": {"sums": {k: float(v) for k, v in self._window_sums.items()},
+                       "batches": self._window_batches},
+            "rng": self._rng_states_of_all_ranks(),
         }
+
+    def _rng_states_of_all_ranks(self) -> list[dict]:
+        if self.trainer.world_size == 1 or not torch.distributed.is_initialized():
+            return [rng_states()]
+        gathered: list = [None] * self.trainer.world_size
+        torch.distributed.all_gather_object(gathered, rng_states())
+        return gathered
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         progress = checkpoint.get(CHECKPOINT_KEY, {}).get("progress", {})
         self.tokens_seen = progress.get("tokens_seen", 0)
         self.elapsed_s = progress.get("elapsed_s", 0.0)
+        self.skipped_steps = progress.get("skipped_steps", 0)
+        self._last_logged_step = progress.get("last_logged_step", -1)
+        window = progress.get("window", {"sums": {}, "batches": 0})
+        self._window_sums = dict(window["sums"])
+        self._window_batches = window["batches"]
+        states = progress.get("rng")
+        if states:
+            rank = self.trainer.global_rank if self._trainer is not None else 0
+            self._rng_to_restore = states[rank] if rank < len(states) else states[0]
 
-    # -- evaluation reports (evaluate.py) -------------------------------------------------
+    # -- evaluation --------------------------------------------------------------------
+    def final_eval_loader(self, datamodule, max_tokens: int | None):
+        """What the end-of-run passes score: the whole validation split (labeled splits are
+        small; the LM task samples large corpora down to max_tokens)."""
+        return datamodule.eval_dataloader("val")
+
+    def final_eval_scope(self) -> str:
+        """Which part of the split the end-of-run passes scored, for the summary lines."""
+        return "whole val split"
+
     def evaluation_passes(self, datamodule, split: str) -> list[tuple[str, object]]:
         """(metric prefix, dataloader) pairs that evaluate.py runs for `split`."""
         return [(split, datamodule.eval_dataloader(split))]
@@ -233,3 +430,8 @@ class GPTTask(L.LightningModule):
     def report(self, results: dict[str, float], split: str) -> str:
         """The table evaluate.py prints."""
         return "\n".join(f"{name:<24} {value:.4f}" for name, value in results.items())
+
+
+def _plain_name(name: str) -> str:
+    """A parameter's name as the unwrapped module knows it."""
+    return _WRAPPER_NAMES.sub("", name)

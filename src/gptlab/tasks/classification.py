@@ -62,6 +62,7 @@ class ClassificationTask(GPTTask):
         self.val_f1 = MulticlassF1Score(n, average="macro")
         self.val_confusion = MulticlassConfusionMatrix(n)
         self.val_acc_best = MaxMetric()
+        self.val_acc_best.persistent(True)  # a resumed run keeps its best so far
         self.confusion: torch.Tensor | None = None  # of the last evaluation, for reports
 
     def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor):
@@ -90,11 +91,10 @@ class ClassificationTask(GPTTask):
     def batch_tokens(self, batch: dict) -> int:
         return int(batch["lengths"].sum())
 
-    def training_step(self, batch: dict, batch_idx: int):
+    def training_loss(self, batch: dict):
         loss, logits, terms = self.losses(batch)
         accuracy = (logits.argmax(-1) == batch["labels"]).float().mean()
-        self.record(loss=loss, acc=accuracy, **terms)
-        return loss
+        return loss, {"acc": accuracy, **terms}
 
     def validation_step(self, batch: dict, batch_idx: int):
         _, logits, terms = self.losses(batch)
@@ -110,7 +110,7 @@ class ClassificationTask(GPTTask):
         self.confusion = self.val_confusion.compute().cpu()
         for metric in (self.val_loss, self.val_acc, self.val_f1, self.val_confusion):
             metric.reset()
-        if p == "val" and self.trainer.state.fn == "fit":
+        if self.fitting_validation():
             self.val_acc_best.update(acc)
             self.log("val/acc_best", self.val_acc_best.compute())
         self.log_progress()

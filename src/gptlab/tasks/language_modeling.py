@@ -29,11 +29,9 @@ class LanguageModelingTask(GPTTask):
     def batch_tokens(self, batch: tuple[torch.Tensor, torch.Tensor]) -> int:
         return batch[1].numel()
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
+    def training_loss(self, batch: tuple[torch.Tensor, torch.Tensor]):
         x, y = batch
-        loss = lm_loss(self.model(x), y)
-        self.record(loss=loss)
-        return loss
+        return lm_loss(self.model(x), y), {}
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
         x, y = batch
@@ -50,6 +48,19 @@ class LanguageModelingTask(GPTTask):
             f"{p}/bpb": loss / math.log(2) / self.val_bytes_per_token,
         }, prog_bar=p == "val")
         self.log_progress()
+
+    def final_eval_loader(self, datamodule, max_tokens: int | None):
+        """Every window of the split, or evenly spaced ones up to max_tokens (large corpora)."""
+        windows = None if max_tokens is None else max(1, max_tokens // datamodule.block_size)
+        loader = datamodule.eval_dataloader("val", windows)
+        total = len(datamodule.eval_dataloader("val").dataset)
+        scored = len(loader.dataset)
+        self._final_scope = ("whole val split" if scored == total else
+                             f"{scored:,} of {total:,} val windows, final_eval_tokens")
+        return loader
+
+    def final_eval_scope(self) -> str:
+        return getattr(self, "_final_scope", "whole val split")
 
     def artifacts(self) -> dict:
         return super().artifacts() | {"val_bytes_per_token": self.val_bytes_per_token}

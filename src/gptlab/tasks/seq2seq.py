@@ -39,6 +39,7 @@ class Seq2SeqTask(GPTTask):
         self.val_bleu = SacreBLEUScore(tokenize=bleu_tokenize)
         self.val_chrf = CHRFScore()
         self.val_bleu_best = MaxMetric()
+        self.val_bleu_best.persistent(True)  # a resumed run keeps its best so far
         # Set by evaluate.py: decode with the beam and keep the outputs, by example index.
         self.evaluating = False
         self.hypotheses: dict[int, str] = {}
@@ -52,7 +53,7 @@ class Seq2SeqTask(GPTTask):
     def batch_tokens(self, batch: dict) -> int:
         return int((batch["targets"] != IGNORE_INDEX).sum())
 
-    def training_step(self, batch: dict, batch_idx: int):
+    def training_loss(self, batch: dict):
         target_side, source_side = self.split_targets(batch)
         hidden = self.model(batch["input_ids"], return_hidden=True)
         if not self.hparams.aux_lm_weight:
@@ -60,15 +61,12 @@ class Seq2SeqTask(GPTTask):
             # is a large share of the compute, and source positions are ~half the tokens.
             scored = target_side != IGNORE_INDEX
             logits = self.model.lm_head(hidden[scored])
-            loss = lm_loss(logits, target_side[scored], self.hparams.label_smoothing)
-            self.record(loss=loss)
-            return loss
+            return lm_loss(logits, target_side[scored], self.hparams.label_smoothing), {}
         logits = self.model.lm_head(hidden)
         target_loss = lm_loss(logits, target_side, self.hparams.label_smoothing)
         source_loss = lm_loss(logits, source_side)
         loss = target_loss + self.hparams.aux_lm_weight * source_loss
-        self.record(loss=loss, target_loss=target_loss, lm_loss=source_loss)
-        return loss
+        return loss, {"target_loss": target_loss, "lm_loss": source_loss}
 
     def validation_step(self, batch: dict, batch_idx: int):
         target_side, _ = self.split_targets(batch)
@@ -88,7 +86,7 @@ class Seq2SeqTask(GPTTask):
                        f"{p}/chrf": 100 * self.val_chrf.compute()}, prog_bar=p == "val")
         for metric in (self.val_loss, self.val_bleu, self.val_chrf):
             metric.reset()
-        if p == "val" and self.trainer.state.fn == "fit":
+        if self.fitting_validation():
             self.val_bleu_best.update(bleu)
             self.log("val/bleu_best", self.val_bleu_best.compute())
         self.log_progress()

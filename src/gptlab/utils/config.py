@@ -31,22 +31,12 @@ def wandb_group(mode: object, task_name: str, sweep_dir: str) -> str:
     return task_name
 
 
-def auto_precision() -> str:
-    """bf16 mixed precision on a GPU that has it; fp32 elsewhere (fp16 on CPU is very slow)."""
-    import torch
-
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16-mixed"
-    return "32-true"
-
-
 def register_resolvers() -> None:
     """Idempotent; called by every entry point before Hydra composes the config."""
     resolvers = {
         # Two runs started in the same second get different folders.
         "run_suffix": lambda: _RUN_SUFFIX,
         "wandb_offline": wandb_offline,
-        "auto_precision": auto_precision,
         "wandb_group": wandb_group,
     }
     for name, fn in resolvers.items():

@@ -1,0 +1,121 @@
+"""What the hardware configs leave to the machine: the training precision and TF32 matmuls.
+
+`trainer.precision: auto` (hardware=auto and hardware=cpu) is resolved here, at the start of
+a run, because the answer depends on the machine and on the model:
+- a GPU trains in bf16 mixed precision where it has bf16, else in fp16 mixed precision;
+- a CPU trains in bf16 autocast only where it has native bf16 matrix units (AMX-BF16 or
+  AVX512-BF16) and a training step of this very model is measured faster that way; CPUs
+  without them emulate bf16 many times slower than fp32, and fp16 is slow on every CPU.
+The choice and its reason are printed at the start of the run.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from lightning.pytorch.utilities.seed import isolate_rng
+
+log = logging.getLogger("gptlab")
+
+AUTO = "auto"
+NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+GPU_ACCELERATORS = ("gpu", "cuda", "auto")
+# bf16 must beat fp32 by this factor to be chosen: a marginal gain is not worth its rounding.
+BF16_MIN_SPEEDUP = 1.1
+
+
+def cpu_bf16_feature() -> str | None:
+    """The CPU flag that gives native bf16 matmuls (Linux /proc/cpuinfo), or None."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines()
+                  if line.startswith("flags")), [])
+    return next((flag for flag in NATIVE_BF16_FLAGS if flag in flags), None)
+
+
+def on_gpu(accelerator: str) -> bool:
+    return str(accelerator) in GPU_ACCELERATORS and torch.cuda.is_available()
+
+
+def gpu_precision() -> str:
+    return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+
+
+def resolve_precision(precision: str, accelerator: str,
+                      time_step: Callable[[str], float] | None = None) -> tuple[str, str]:
+    """(Lightning precision, why) for the configured `precision`, which may be "auto".
+
+    `time_step(precision)` times one training step of the run's model; without it (evaluation)
+    a CPU keeps fp32.
+    """
+    if str(precision) != AUTO:
+        return str(precision), "set by the configuration"
+    if on_gpu(accelerator):
+        chosen = gpu_precision()
+        has = "has" if chosen.startswith("bf16") else "lacks"
+        return chosen, f"{torch.cuda.get_device_name()} {has} bf16"
+    feature = cpu_bf16_feature()
+    if feature is None:
+        return "32-true", ("this CPU has no native bf16 (no AMX-BF16 or AVX512-BF16), so bf16 "
+                           "would be emulated and slower than fp32")
+    if time_step is None:
+        return "32-true", "evaluation keeps fp32 on CPUs"
+    fp32, bf16 = time_step("32-true"), time_step("bf16-mixed")
+    speed = f"a training step took {bf16 * 1e3:.0f} ms in bf16 and {fp32 * 1e3:.0f} ms in fp32"
+    if fp32 >= BF16_MIN_SPEEDUP * bf16:
+        return "bf16-mixed", f"this CPU has native bf16 ({feature}) and {speed}"
+    return "32-true", f"this CPU has native bf16 ({feature}) but {speed}"
+
+
+def step_timer(module: torch.nn.Module, loss_of: Callable[[], torch.Tensor],
+               repeats: int = 3) -> Callable[[str], float]:
+    """A `time_step` for resolve_precision: median seconds of forward + backward.
+
+    Runs in a forked RNG state and clears the gradients, so the run itself is unchanged.
+    """
+
+    def time_step(precision: str) -> float:
+        dtype = torch.bfloat16 if precision.startswith("bf16") else None
+        times = []
+        with isolate_rng():
+            for i in range(repeats + 1):  # the first call warms up kernels and allocator
+                start = time.perf_counter()
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
+                    loss = loss_of()
+                loss.backward()
+                if i:
+                    times.append(time.perf_counter() - start)
+        module.zero_grad(set_to_none=True)
+        return sorted(times)[len(times) // 2]
+
+    return time_step
+
+
+def set_matmul_precision(setting: str | None, accelerator: str) -> None:
+    """TF32 for fp32 matmuls on GPUs that have it ("high"); CPUs keep exact fp32."""
+    if setting and on_gpu(accelerator):
+        torch.set_float32_matmul_precision(setting)
+        log.info("float32 matmul precision: %s", setting)
+
+
+def fsdp_strategy(activation_checkpointing: bool = False, sharding_strategy: str = "FULL_SHARD",
+                  **kwargs):
+    """Lightning's FSDP with one unit per transformer block (and the rest as the root unit).
+
+    Without a wrap policy the whole model is one unit, so every rank gathers every parameter
+    at once and FSDP saves no memory over DDP.
+    """
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from gptlab.models.gpt import Block
+
+    blocks = {Block}
+    return FSDPStrategy(auto_wrap_policy=blocks, sharding_strategy=sharding_strategy,
+                        activation_checkpointing_policy=blocks if activation_checkpointing
+                        else None, **kwargs)
