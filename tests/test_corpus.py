@@ -256,33 +256,34 @@ def test_equivalent_options_share_a_folder(tmp_path):
     assert second.root.name == f"small-{cache_key(source, split_by='contiguous')[:12]}"
 
 
-def test_an_interrupted_preparation_resumes_with_the_units_it_finished(tmp_path, monkeypatch):
+@pytest.mark.parametrize("num_proc", [1, 2])
+def test_an_interrupted_preparation_resumes_with_the_units_it_finished(tmp_path, monkeypatch,
+                                                                        num_proc):
     source = write_files(tmp_path / "docs", many_documents())
     monkeypatch.setattr(corpus, "UNIT_BYTES", 4096)
     options = {"name": "r", "cache_dir": tmp_path / "cache", "tokenizer": "bpe",
-               "vocab_size": 300, "progress": False, "num_proc": 1}
-    real, encoded = corpus._encode_unit, []
+               "vocab_size": 300, "progress": False, "num_proc": num_proc}
+    real = corpus._encode_unit
 
     def crash_at_unit_4(job):
         if job.unit.index == 4:
-            raise KeyboardInterrupt  # as if the user pressed ^C
-        encoded.append(job.unit.index)
+            raise RuntimeError("simulated crash")  # a killed worker, a full disk, ...
         return real(job)
 
     monkeypatch.setattr(corpus, "_encode_unit", crash_at_unit_4)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(RuntimeError, match="simulated crash"):
         prepare_corpus(source, **options)
     (partial,) = (tmp_path / "cache").glob(".partial-*")
     assert not list((tmp_path / "cache").glob("r-*"))  # nothing half-done is ever opened
-    assert sorted(p.name for p in (partial / "units").iterdir())[:4] == [
-        f"00000{i}.json" for i in range(4)]
+    records = sorted(p.name for p in (partial / "units").iterdir())
+    assert records[:4] == [f"00000{i}.json" for i in range(4)] and "000004.json" not in records
+    finished = {p.name: p.stat().st_ino for p in (partial / "shards").glob("train-00000[0-3].bin")}
 
-    encoded.clear()
-    monkeypatch.setattr(corpus, "_encode_unit", lambda job: encoded.append(job.unit.index)
-                        or real(job))
+    monkeypatch.setattr(corpus, "_encode_unit", real)
     resumed = prepare_corpus(source, **options)
-    assert encoded and min(encoded) == 4  # units 0-3 were not encoded again
     assert not partial.exists()
+    # The finished units' shards are the very files of the first attempt, not new ones.
+    assert {name: (resumed.root / "shards" / name).stat().st_ino for name in finished} == finished
     fresh = prepare_corpus(source, **{**options, "cache_dir": tmp_path / "fresh"})
     assert all_tokens(resumed) == all_tokens(fresh)
 

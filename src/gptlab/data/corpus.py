@@ -1,10 +1,11 @@
 """Documents to token shards, prepared in parallel, cached on disk by everything that makes them.
 
 Preparation streams a source's documents (documents.py) in units of about UNIT_BYTES. Worker
-processes (`num_proc`) clean and tokenize the units; each writes its unit's tokens as one
-shard per split (uint16 where the vocabulary fits, else uint32). meta.json lists every
-split's shards in order, so a split reads as one token sequence (`TokenShards`, memory-mapped).
-Memory is bounded by a few units per process, whatever the size of the corpus.
+processes (`num_proc`, each on one core) clean and tokenize the units (a corpus of one unit
+is done in the calling process); each writes its unit's tokens as one shard per split
+(uint16 where the vocabulary fits, else uint32). meta.json lists every split's shards in
+order, so a split reads as one token sequence (`TokenShards`, memory-mapped). Memory is
+bounded by a few units per process, whatever the size of the corpus.
 
 Splits (`split_by`):
 - the source's own splits when it has them (a Hugging Face dataset's `split_names`);
@@ -35,12 +36,13 @@ import itertools
 import json
 import logging
 import multiprocessing
+import multiprocessing.pool
 import os
 import re
 import shutil
 import signal
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,7 +50,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from gptlab.data.documents import LM_SPLITS, FilePart, Text, digest
+from gptlab.data.documents import LM_SPLITS, PART_BYTES, FilePart, Text, digest
 from gptlab.data.tokenizers import (
     KINDS,
     STANDARD,
@@ -63,7 +65,7 @@ from gptlab.utils.files import write_atomic
 log = logging.getLogger("gptlab")
 
 FORMAT_VERSION = 2
-UNIT_BYTES = 32 << 20  # documents are grouped into units of about this many bytes
+UNIT_BYTES = PART_BYTES  # documents are grouped into units of about this many bytes
 SPLIT_BY = ("auto", "contiguous", "document")
 TOKENIZER_SAMPLE_CHARS = 100_000_000
 _BPE_PIECE_CHARS = 1 << 16  # BPE training reads the sample in pieces of about this size
@@ -353,12 +355,11 @@ class _Preparation:
         plan: dict = {"unit_chars": None, "charset": None}
         if self.opts.mode == "contiguous" or self.opts.tokenizer.get("kind") == "char":
             lengths, charset = [], set()
-            bar = self._bar(f"scan {self.name}")
-            for n_chars, chars, nbytes in _map(_scan_unit, self._jobs(), self.num_proc):
-                lengths.append(n_chars)
-                charset.update(chars)
-                bar.update(nbytes)
-            bar.close()
+            with self._bar(f"scan {self.name}") as bar:
+                for n_chars, chars, nbytes in _map("_scan_unit", self._jobs(), self.num_proc):
+                    lengths.append(n_chars)
+                    charset.update(chars)
+                    bar.update(nbytes)
             plan = {"unit_chars": lengths, "charset": "".join(sorted(charset))}
             if self.opts.mode == "contiguous":
                 self._check_contiguous(lengths)
@@ -415,27 +416,26 @@ class _Preparation:
     def _encode(self, tok: Tokenizer, plan: dict, dtype: str) -> list[dict]:
         """Records of every unit in order: those an earlier attempt finished, then the rest."""
         records: dict[int, dict] = {}
-        bar = self._bar(f"prepare {self.name}")
         totals = {"documents": 0, "tokens": 0}
+        with self._bar(f"prepare {self.name}") as bar:
 
-        def done(record: dict) -> None:
-            records[record["unit"]] = record
-            totals["documents"] += record["documents"]
-            totals["tokens"] += sum(part["tokens"] for part in record["splits"].values())
-            bar.set_postfix(totals, refresh=False)
-            bar.update(record["nbytes"])
+            def done(record: dict) -> None:
+                records[record["unit"]] = record
+                totals["documents"] += record["documents"]
+                totals["tokens"] += sum(part["tokens"] for part in record["splits"].values())
+                bar.set_postfix(totals, refresh=False)
+                bar.update(record["nbytes"])
 
-        def unfinished() -> Iterator[_Job]:
-            for job in self._jobs(plan, dtype):
-                record = self._record(job.unit)
-                if record is None:
-                    yield job
-                else:
-                    done(record)
+            def unfinished() -> Iterator[_Job]:
+                for job in self._jobs(plan, dtype):
+                    record = self._record(job.unit)
+                    if record is None:
+                        yield job
+                    else:
+                        done(record)
 
-        for record in _map(_encode_unit, unfinished(), self.num_proc, tok):
-            done(record)
-        bar.close()
+            for record in _map("_encode_unit", unfinished(), self.num_proc, tok):
+                done(record)
         return [records[i] for i in sorted(records)]
 
     def _record(self, unit: Unit) -> dict | None:
@@ -667,26 +667,26 @@ def _init_worker(tokenizer_json: str | None) -> None:
     _worker_tokenizer = Tokenizer.from_str(tokenizer_json) if tokenizer_json else None
 
 
-def _map(fn: Callable, jobs: Iterable[_Job], num_proc: int,
+def _map(name: str, jobs: Iterable[_Job], num_proc: int,
          tokenizer: Tokenizer | None = None) -> Iterator:
-    """fn over jobs, results in order; in `num_proc` processes when there are several jobs.
+    """The job function `name` (of this module) over jobs, results in order: one job runs
+    here, several in num_proc worker processes.
 
     At most 2 * num_proc jobs are in flight, so a stream of jobs (and their texts) is never
-    read far ahead. On any error the workers are stopped at once.
+    read far ahead. On any error, or ^C, the workers are stopped at once.
     """
     global _worker_tokenizer
     jobs = iter(jobs)
     head = list(itertools.islice(jobs, 2))
-    if num_proc <= 1 or len(head) < 2:
+    if len(head) < 2:
         _worker_tokenizer = tokenizer
-        yield from map(fn, itertools.chain(head, jobs))
+        yield from (_call(name, job) for job in head)
         return
-    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-    pool = context.Pool(num_proc, _init_worker, (tokenizer.to_str() if tokenizer else None,))
+    pool = _pool(num_proc, tokenizer)
     try:
         pending: collections.deque = collections.deque()
         for job in itertools.chain(head, jobs):
-            pending.append(pool.apply_async(fn, (job,)))
+            pending.append(pool.apply_async(_call, (name, job)))
             while len(pending) >= 2 * num_proc:
                 yield pending.popleft().get()
         while pending:
@@ -697,6 +697,26 @@ def _map(fn: Callable, jobs: Iterable[_Job], num_proc: int,
         raise
     finally:
         pool.join()
+
+
+def _pool(num_proc: int, tokenizer: Tokenizer | None) -> multiprocessing.pool.Pool:
+    # Said before the fork, so that HF tokenizers does not warn in each worker that it turns
+    # its thread pool off there (the parent may have trained a BPE with it).
+    previous = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+        return context.Pool(num_proc, _init_worker, (tokenizer.to_str() if tokenizer else None,))
+    finally:
+        if previous is None:
+            del os.environ["TOKENIZERS_PARALLELISM"]
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = previous
+
+
+def _call(name: str, job: _Job):
+    """Run a job function, looked up by name (a forked worker shares this module's state)."""
+    return globals()[name](job)
 
 
 @contextmanager

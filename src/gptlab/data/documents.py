@@ -27,7 +27,7 @@ from pathlib import Path
 from gptlab.data import examples, sources
 from gptlab.errors import UserError
 
-PART_BYTES = 32 << 20  # a larger file is read in parts of about this size, cut between lines
+PART_BYTES = 8 << 20  # a larger file is read in parts of about this size, cut between lines
 SAMPLE_BYTES = 1 << 16  # a file's fingerprint reads this much at its start, middle and end
 _CUT_WINDOW = 1 << 16
 _GRAPHIC = range(0x21, 0x7F)  # ASCII characters that no cleaning or pre-tokenizer changes
