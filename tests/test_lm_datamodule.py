@@ -52,7 +52,8 @@ def test_random_windows_cross_shards_as_if_they_were_one_array(tmp_path):
         assert all(torch.equal(a, b) for a, b in zip(one.batch(i), many.batch(i), strict=True))
 
 
-@pytest.mark.parametrize("workers", [1, 2, 3])
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")  # 3 workers on 2 cores
+@pytest.mark.parametrize("workers", [2, 3])
 def test_dataloader_workers_share_the_stream_without_repeating_it(tmp_path, workers):
     """Issue 10.5: with workers, batch i is still batch i of the one-process stream."""
     stream = RandomWindows(shards_of(tmp_path, np.arange(5000), [2500]), 8, 4, seed=5,

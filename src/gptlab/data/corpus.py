@@ -203,7 +203,8 @@ class Options:
     """Every option that changes the tokens; what a worker needs to process a unit."""
 
     mode: str  # "dataset", "contiguous" or "document"
-    tokenizer: dict  # what identifies it: a kind (+ vocab_size), a standard name, or its json
+    tokenizer: dict  # what identifies it: a kind (+ vocab_size), a standard name, or its json's
+    # digest
     cleaning: dict
     val_fraction: float
     test_fraction: float
@@ -782,7 +783,7 @@ def _check_fractions(val_fraction: float, test_fraction: float) -> None:
 def _tokenizer_spec(tokenizer: str | Tokenizer, vocab_size: int | None) -> dict:
     """What identifies the tokenizer in the cache key."""
     if isinstance(tokenizer, Tokenizer):
-        return {"tokenizer_json": tokenizer.to_str()}
+        return {"tokenizer_json": digest(tokenizer.to_str())}
     if tokenizer in KINDS:
         return {"kind": tokenizer, "vocab_size": vocab_size if tokenizer == "bpe" else None}
     if tokenizer in STANDARD:
@@ -793,4 +794,4 @@ def _tokenizer_spec(tokenizer: str | Tokenizer, vocab_size: int | None) -> dict:
             f"data.tokenizer={tokenizer!r} is neither one of {', '.join(KINDS + STANDARD)} "
             "nor an existing tokenizer.json file; give one of those"
         )
-    return {"tokenizer_json": Tokenizer.load(path).to_str()}
+    return {"tokenizer_json": digest(Tokenizer.load(path).to_str())}
