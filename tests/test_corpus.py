@@ -197,6 +197,12 @@ def test_hugging_face_dataset_uses_its_own_splits(tmp_path):
         f" validation row {i}\n" for i in range(5))
     assert [prepared.meta["splits"][s]["documents"] for s in ("train", "val", "test")] == [
         40, 5, 6]
+    streamed = HFDataset("json", data_files={k: str(v) for k, v in files.items()},
+                         split_names={"train": "train", "val": "validation", "test": "test"},
+                         cache_dir=str(tmp_path / "hf"), streaming=True)
+    again = prepare_corpus(streamed, name="hf", cache_dir=tmp_path / "cache",
+                           document_separator="", progress=False)
+    assert again.from_cache and again.root == prepared.root  # read either way, the same data
     with pytest.raises(UserError, match="split_by=document conflicts with"):
         prepare_corpus(source, name="hf", cache_dir=tmp_path / "cache", split_by="document")
 
