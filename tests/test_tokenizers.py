@@ -13,6 +13,8 @@ from tiktoken.load import load_tiktoken_bpe
 from tokenizers import Tokenizer as HFTokenizer
 
 from gptlab.data import sources
+from gptlab.data.documents import TextFiles
+from gptlab.data.lm_datamodule import LMDataModule
 from gptlab.data.tokenizers import (
     EOS_TOKEN,
     Tokenizer,
@@ -185,6 +187,11 @@ def test_gpt2_is_found_like_any_registered_file(tmp_path, shakespeare, monkeypat
     assert tok.vocab_size == 299 and tok.decode(tok.encode(TEXTS[1])) == TEXTS[1]
     tok.save(tmp_path / "tokenizer.json")
     assert from_spec(str(tmp_path / "tokenizer.json")).to_str() == tok.to_str()
+    # data.tokenizer=gpt2 of an LM corpus
+    (tmp_path / "corpus.txt").write_text(shakespeare[:20_000])
+    data = LMDataModule("g", TextFiles([str(tmp_path / "corpus.txt")]), block_size=16,
+                        batch_size=2, tokenizer="gpt2", cache_dir=str(tmp_path / "cache"))
+    assert data.tokenizer.to_str() == tok.to_str() and data.vocab_size == 299
 
 
 def real_gpt2_ranks() -> Path | None:
