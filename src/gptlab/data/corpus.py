@@ -397,7 +397,7 @@ class _Preparation:
             write_atomic(self.work / "plan.json", json.dumps(plan))
         else:
             tok = from_spec(spec)
-        tok.save(path)
+        write_atomic(path, tok.to_str())  # a resumed preparation trusts what it finds
         return tok
 
     def _bpe_sample(self, plan: dict) -> Iterator[str]:
@@ -638,6 +638,8 @@ class _ShardWriter:
         for split in list(self.pending):
             self._flush(split)
         for split, f in self.files.items():
+            f.flush()
+            os.fsync(f.fileno())  # the unit's record, written next, vouches for these bytes
             f.close()
             os.replace(self._path(split, ".tmp"), self._path(split))
         for split, counts in self.counts.items():
