@@ -12,7 +12,7 @@ export GPTLAB_DATA_MIRROR ?= $(abspath ../shared/data)
 endif
 
 .PHONY: help install train finetune-sst2 translate-multi30k nanogpt-cpu nanogpt-gpu \
-	gpt1-ablation gpt1-layers scaling test lint bench clean
+	gpt1-ablation gpt1-layers scaling test lint bench bench-prepare clean
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
@@ -69,6 +69,9 @@ lint: install  ## ruff
 bench: install  ## speed benchmarks: training step vs plain PyTorch, generation with/without KV cache
 	$(BIN)/python bench/train_step.py
 	$(BIN)/python bench/generate_speed.py
+
+bench-prepare: install  ## corpus preparation MB/s and peak memory, 1 and 2 processes, ~1 GB corpus
+	$(BIN)/python bench/prepare_speed.py $(ARGS)
 
 clean:  ## remove caches and build files (keeps logs/ and data/)
 	rm -rf .pytest_cache .ruff_cache build src/*.egg-info

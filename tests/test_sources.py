@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from gptlab.data import sources
-from gptlab.data.sources import RemoteFile, hf_texts, locate, read_text
+from gptlab.data.sources import RemoteFile, hf_fingerprint, hf_stream, locate, read_text
 from gptlab.errors import UserError
 
 PAYLOAD = b"To be, or not to be: that is the question.\n" * 100
@@ -169,13 +169,44 @@ def test_read_text_is_strict_utf8(tmp_path):
         read_text(tmp_path / "missing.txt")
 
 
-def test_hf_texts_reads_a_column_and_names_the_available_ones(tmp_path):
-    rows = [{"text": "first doc", "label": 0}, {"text": "second doc", "label": 1}]
+def test_hf_stream_reads_a_column_and_names_the_available_ones(tmp_path):
+    rows = [{"text": "first doc", "label": 0}, {"text": None, "label": 1}]
     data = tmp_path / "docs.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    load = partial(hf_texts, "json", None, "train", data_files=str(data), cache_dir=tmp_path / "hf")
-    assert load("text") == ["first doc", "second doc"]
-    with pytest.raises(UserError, match="no column 'body'; available columns: text, label"):
-        load("body")
+
+    def load(column: str, streaming: bool = False, files: str = str(data)) -> list[str]:
+        return list(hf_stream("json", None, "train", column, data_files=files,
+                              streaming=streaming, cache_dir=tmp_path / "hf"))
+
+    assert load("text") == load("text", streaming=True) == ["first doc", ""]
+    for streaming in (False, True):
+        with pytest.raises(UserError, match="no column 'body'; available columns: text, label"):
+            load("body", streaming)
     with pytest.raises(UserError, match="cannot load dataset 'json'"):
-        load("text", data_files=str(tmp_path / "absent.jsonl"))
+        load("text", files=str(tmp_path / "absent.jsonl"))
+
+
+def test_hf_fingerprint_changes_with_the_local_files_and_reads_no_rows(tmp_path):
+    data = tmp_path / "docs.jsonl"
+    data.write_text('{"text": "a"}\n')
+    before = hf_fingerprint("json", None, str(data), cache_dir=tmp_path / "hf")
+    assert hf_fingerprint("json", None, str(data), cache_dir=tmp_path / "hf") == before
+    assert not (tmp_path / "hf").exists() or not list((tmp_path / "hf").rglob("*.arrow"))
+    data.write_text('{"text": "b"}\n')
+    assert hf_fingerprint("json", None, str(data), cache_dir=tmp_path / "hf") != before
+
+
+def test_a_package_that_ships_the_file_serves_it_when_its_hash_matches(no_mirror, tmp_path,
+                                                                       monkeypatch):
+    package = tmp_path / "site" / "shipper"
+    (package / "assets").mkdir(parents=True)
+    (package / "__init__.py").write_text("raise ImportError('never imported')\n")
+    (package / "assets" / "ranks.txt").write_bytes(PAYLOAD)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    file = RemoteFile("x/ranks.txt", closed_port_url(), sha(PAYLOAD),
+                      package_asset=("shipper", "assets/ranks.txt"))
+    assert locate(file, download_dir=tmp_path / "dl") == package / "assets" / "ranks.txt"
+    other = RemoteFile("x/ranks.txt", closed_port_url(), sha(b"other"),
+                       package_asset=("shipper", "assets/ranks.txt"))
+    with pytest.raises(UserError, match="cannot download"):  # a copy of other bytes is no copy
+        locate(other, download_dir=tmp_path / "dl")

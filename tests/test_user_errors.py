@@ -53,8 +53,11 @@ def test_missing_data_file(workspace, untouched):
     assert "/no/such/input.txt" in line
 
 
+# A prepared corpus is found by its pinned sha256 without reading the file: these two use
+# an empty cache, so that the file is looked for.
 def test_offline_without_a_local_copy(workspace, untouched, tmp_path):
     line = train_fails(workspace, f"data.source.download_dir={tmp_path}",
+                       f"data.cache_dir={tmp_path / 'cache'}",
                        env={"GPTLAB_DATA_MIRROR": str(tmp_path), "GPTLAB_OFFLINE": "1"})
     assert "input.txt" in line and "GPTLAB_DATA_MIRROR" in line
 
@@ -62,7 +65,8 @@ def test_offline_without_a_local_copy(workspace, untouched, tmp_path):
 def test_checksum_mismatch_in_the_mirror(workspace, untouched, tmp_path):
     (tmp_path / "tinyshakespeare").mkdir()
     (tmp_path / "tinyshakespeare" / "input.txt").write_text("not Shakespeare\n" * 1000)
-    line = train_fails(workspace, env={"GPTLAB_DATA_MIRROR": str(tmp_path)})
+    line = train_fails(workspace, f"data.cache_dir={tmp_path / 'cache'}",
+                       env={"GPTLAB_DATA_MIRROR": str(tmp_path)})
     assert "sha256" in line
 
 

@@ -35,7 +35,7 @@ from gptlab.checkpoints import (
     load_pretrained,
 )
 from gptlab.data.sources import read_text
-from gptlab.data.tokenizers import KINDS, Tokenizer
+from gptlab.data.tokenizers import KINDS, from_spec
 from gptlab.errors import UserError
 from gptlab.pretrain_once import pretrain_once
 from gptlab.resume import (
@@ -287,8 +287,8 @@ def _pretrained_tokenizer(cfg: DictConfig, resume: Checkpoint | None = None) -> 
         return {"tokenizer": resume.tokenizer}
     tokenizer = load_pretrained(init_from).tokenizer
     given = cfg.data.get("tokenizer")
-    is_path = isinstance(given, str) and given not in KINDS  # else a kind to train
-    if is_path and Tokenizer.load(given).to_str() != tokenizer.to_str():
+    ready_made = isinstance(given, str) and given not in KINDS  # else a kind to train
+    if ready_made and from_spec(given).to_str() != tokenizer.to_str():
         raise UserError(
             f"data.tokenizer={given} differs from the tokenizer of task.init_from="
             f"{init_from}; a pretrained model only works with its own tokenizer: drop "

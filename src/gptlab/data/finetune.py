@@ -21,7 +21,14 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from gptlab.data.lm_datamodule import IGNORE_INDEX
-from gptlab.data.tokenizers import EOS_TOKEN, KINDS, SEP_TOKEN, Tokenizer, train_tokenizer
+from gptlab.data.tokenizers import (
+    EOS_TOKEN,
+    KINDS,
+    SEP_TOKEN,
+    Tokenizer,
+    from_spec,
+    train_tokenizer,
+)
 from gptlab.errors import UserError
 
 log = logging.getLogger("gptlab")
@@ -29,12 +36,12 @@ PAD_ID = 0  # any id works: padding sits after every real token and is never a t
 
 
 def load_tokenizer(spec: str | Tokenizer, vocab_size: int | None, texts: list[str]) -> Tokenizer:
-    """A given Tokenizer, a tokenizer.json path, or a new one of kind `spec` trained on texts."""
+    """A given Tokenizer, a new one of kind `spec` trained on texts, gpt2 or a tokenizer.json."""
     if isinstance(spec, Tokenizer):
         return spec
     if spec in KINDS:
         return train_tokenizer(spec, texts, vocab_size, special_tokens=[EOS_TOKEN, SEP_TOKEN])
-    return Tokenizer.load(spec)
+    return from_spec(spec)
 
 
 def eos_id(tokenizer: Tokenizer) -> int:

@@ -6,6 +6,9 @@ shared/data; it lets tests, CI and offline machines use the real code path witho
 
 Archives: for a ".gz" URL the download is gunzipped; for a ".zip" URL `member` is extracted.
 In both cases the sha256 is that of the extracted file, which is what the mirror holds.
+
+Some files also ship inside a PyPI package (`RemoteFile.package_asset`, e.g. GPT-2's merge
+ranks in openai-whisper); an installed copy with the pinned sha256 is used like a mirror's.
 """
 
 from __future__ import annotations
@@ -13,12 +16,14 @@ from __future__ import annotations
 import gzip
 import hashlib
 import http.client
+import importlib.util
 import os
 import shutil
 import tempfile
 import urllib.request
 import zipfile
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,12 +40,16 @@ _CHUNK = 1 << 20
 
 @dataclass(frozen=True)
 class RemoteFile:
-    """A public file pinned by content; `member` names the file inside a .zip download."""
+    """A public file pinned by content; `member` names the file inside a .zip download.
+
+    `package_asset` is (package, path inside it) of a copy that a PyPI package ships.
+    """
 
     relpath: str
     url: str
     sha256: str
     member: str | None = None
+    package_asset: tuple[str, str] | None = None
 
 
 TINY_SHAKESPEARE = RemoteFile(
@@ -92,6 +101,16 @@ MULTI30K: dict[tuple[str, str], RemoteFile] = {
     for (split, lang), sha256 in _MULTI30K_SHA256.items()
 }
 
+# GPT-2's byte-level BPE as tiktoken's merge-ranks file (tiktoken's r50k_base, the same ranks as
+# its "gpt2" encoding); the sha256 is the one tiktoken itself expects. openai-whisper ships the
+# identical file as whisper/assets/gpt2.tiktoken.
+GPT2_RANKS = RemoteFile(
+    "gpt2/r50k_base.tiktoken",
+    "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken",
+    "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930",
+    package_asset=("whisper", "assets/gpt2.tiktoken"),
+)
+
 # Every registered file by its relpath, e.g. "tinyshakespeare/input.txt" or "multi30k/train.de".
 KNOWN_FILES: dict[str, RemoteFile] = {
     f.relpath: f for f in (TINY_SHAKESPEARE, SST2_TRAIN, SST2_DEV, SST2_TEST, *MULTI30K.values())
@@ -101,7 +120,8 @@ KNOWN_FILES: dict[str, RemoteFile] = {
 def locate(
     file: RemoteFile, path: str | Path | None = None, download_dir: Path | None = None
 ) -> Path:
-    """Return a local copy: the user's path, else the mirror, an earlier download, a new one.
+    """Return a local copy: the user's path, else the mirror, a package's copy, an earlier
+    download, a new one.
 
     A user's own path is trusted as is (it may be a deliberately different version); every
     other copy must match the pinned sha256.
@@ -111,6 +131,9 @@ def locate(
     mirrored = _mirror_copy(file)
     if mirrored is not None:
         return mirrored
+    shipped = _package_copy(file)
+    if shipped is not None:
+        return shipped
     target = Path(download_dir or DEFAULT_DOWNLOAD_DIR) / file.relpath
     if target.is_file() and sha256_of(target) == file.sha256:
         return target
@@ -140,19 +163,47 @@ def read_text(path: Path) -> str:
         ) from None
 
 
-def hf_texts(
+def hf_stream(
     path: str,
     name: str | None,
     split: str,
     text_column: str,
     data_files: str | list[str] | dict | None = None,
     revision: str | None = None,
+    streaming: bool = False,
     cache_dir: str | Path | None = None,
-) -> list[str]:
-    """One text column of a HF dataset: a hub name, or "json"/"csv" with data_files."""
-    texts = hf_columns(path, name, split, [text_column], data_files, revision,
-                       cache_dir)[text_column]
-    return [str(text) for text in texts]
+) -> Iterator[str]:
+    """The texts of one column of a HF dataset split, one by one, a batch of rows at a time.
+
+    With streaming=True nothing is downloaded or converted first (hub datasets of any size).
+    """
+    ds = _load_hf(path, name, split, data_files, revision, cache_dir, streaming=streaming)
+    if ds.column_names is not None:  # a stream may not know its columns before its first row
+        _check_columns(ds.column_names, [text_column], _where(path, name, split))
+    for batch in ds.iter(batch_size=1000):
+        _check_columns(list(batch), [text_column], _where(path, name, split))
+        yield from ("" if text is None else str(text) for text in batch[text_column])
+
+
+def hf_fingerprint(
+    path: str,
+    name: str | None,
+    data_files: str | list[str] | dict | None = None,
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+) -> str:
+    """What identifies a HF dataset's content without reading it: its builder's config id
+    (which covers the data files, their revision or, for local files, their modification)
+    and its code's hash."""
+    import datasets  # slow to import; only the HF path needs it
+
+    try:
+        builder = datasets.load_dataset_builder(
+            path, name, data_files=data_files, revision=revision,
+            cache_dir=None if cache_dir is None else str(cache_dir))
+    except Exception as exc:
+        raise _hf_error(exc, _where(path, name, None)) from exc
+    return f"{builder.name}/{builder.config_id}/{builder.hash}"
 
 
 def hf_columns(
@@ -165,26 +216,43 @@ def hf_columns(
     cache_dir: str | Path | None = None,
 ) -> dict[str, list]:
     """Some columns of one split of a HF dataset, each as a list."""
+    ds = _load_hf(path, name, split, data_files, revision, cache_dir)
+    _check_columns(ds.column_names, columns, _where(path, name, split))
+    return {column: list(ds[column]) for column in columns}
+
+
+def _load_hf(path: str, name: str | None, split: str, data_files, revision, cache_dir,
+             streaming: bool = False):
     import datasets  # slow to import; only the HF path needs it
 
-    where = f"dataset {path!r}" + (f" (config {name!r})" if name else "") + f" split {split!r}"
     try:
-        ds = datasets.load_dataset(path, name, split=split, data_files=data_files,
-                                   revision=revision,
-                                   cache_dir=None if cache_dir is None else str(cache_dir))
+        return datasets.load_dataset(path, name, split=split, data_files=data_files,
+                                     revision=revision, streaming=streaming,
+                                     cache_dir=None if cache_dir is None else str(cache_dir))
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(
-            f"cannot load {where}: {reason}; check the name, config, split and network "
-            "(or HF_DATASETS_OFFLINE with a filled cache)"
-        ) from exc
-    for column in columns:
-        if column not in ds.column_names:
+        raise _hf_error(exc, _where(path, name, split)) from exc
+
+
+def _where(path: str, name: str | None, split: str | None) -> str:
+    return (f"dataset {path!r}" + (f" (config {name!r})" if name else "")
+            + (f" split {split!r}" if split else ""))
+
+
+def _hf_error(exc: Exception, where: str) -> UserError:
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return UserError(
+        f"cannot load {where}: {reason}; check the name, config, split and network "
+        "(or HF_DATASETS_OFFLINE with a filled cache)"
+    )
+
+
+def _check_columns(available: list[str], wanted: list[str], where: str) -> None:
+    for column in wanted:
+        if column not in available:
             raise UserError(
                 f"{where} has no column {column!r}; available columns: "
-                f"{', '.join(ds.column_names)}; choose one of them"
+                f"{', '.join(available)}; choose one of them"
             )
-    return {column: list(ds[column]) for column in columns}
 
 
 def _user_path(path: Path, file: RemoteFile) -> Path:
@@ -210,6 +278,24 @@ def _mirror_copy(file: RemoteFile) -> Path | None:
             f"replace it with the file from {file.url} or unset {MIRROR_ENV}"
         )
     return candidate
+
+
+def _package_copy(file: RemoteFile) -> Path | None:
+    """The copy an installed package ships, if it has the pinned content (never imported)."""
+    if file.package_asset is None:
+        return None
+    package, relpath = file.package_asset
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for folder in spec.submodule_search_locations:
+        candidate = Path(folder) / relpath
+        if candidate.is_file() and sha256_of(candidate) == file.sha256:
+            return candidate
+    return None
 
 
 def _download(file: RemoteFile, target: Path) -> None:

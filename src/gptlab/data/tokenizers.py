@@ -11,21 +11,33 @@ an existing GPT-2 style byte-level tokenizer.json load as "bpe".
 - bpe: GPT-2 style byte-level BPE; all 256 bytes are in the vocabulary, so any UTF-8 text
   round-trips. "<|endoftext|>" (document separator) and "<|sep|>" (source/target separator
   for text-to-text fine-tuning) are always special tokens.
+- gpt2: GPT-2's own 50,257-token byte-level BPE, built from its merge ranks (the
+  `r50k_base.tiktoken` file that tiktoken downloads, pinned by tiktoken's own sha256; see
+  `sources.GPT2_RANKS`), so results set beside nanoGPT's and GPT-2's use the same tokens.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import base64
+import binascii
+import json
+from collections.abc import Callable, Iterable, Sequence
+from functools import cached_property
 from pathlib import Path
 
+import numpy as np
 from tokenizers import Encoding, Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
+from gptlab.data import sources
 from gptlab.errors import UserError
 
 EOS_TOKEN = "<|endoftext|>"  # ends a document; fine-tuning also ends every input with it
 SEP_TOKEN = "<|sep|>"  # between source and target in text-to-text fine-tuning
-KINDS = ("char", "bpe")
+KINDS = ("char", "bpe")  # kinds that gptlab trains on a corpus
+STANDARD = ("gpt2",)  # ready-made tokenizers, by name
+_CHAR_PRE_TOKENIZER = {"type": "Split", "pattern": {"Regex": "(?m:.)"}, "behavior": "Isolated",
+                       "invert": False}
 _MODEL_KINDS = {"WordLevel": "char", "BPE": "bpe"}
 _BATCH_PIECE_CHARS = 1 << 16
 
@@ -64,6 +76,19 @@ class Tokenizer:
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [encoding.ids for encoding in self._encode_all(list(texts))]
+
+    def encode_array(self, texts: Sequence[str]) -> np.ndarray:
+        """The ids of `texts`, each encoded on its own, concatenated (uint32): corpus packing.
+
+        Char tokenizers made by gptlab look their characters up in a table (two orders of
+        magnitude faster than the general path, same ids); others encode in pieces, as
+        `encode` does, without offsets.
+        """
+        if self._char_table is not None:
+            return self._lookup_chars("".join(texts))
+        pieces = [piece for text in texts for piece in text_pieces(text, _BATCH_PIECE_CHARS)]
+        encodings = self._encode_all(pieces, self.hf.encode_batch_fast)
+        return np.fromiter((i for encoding in encodings for i in encoding.ids), dtype=np.uint32)
 
     def decode(self, ids: Sequence[int]) -> str:
         # Keep special tokens so that decode(encode(text)) == text even when text holds them.
@@ -104,21 +129,37 @@ class Tokenizer:
             ) from exc
         return cls.from_str(text, origin=f"tokenizer file {path}")
 
-    def _encode_all(self, texts: list[str]) -> list[Encoding]:
+    def _encode_all(self, texts: list[str],
+                    method: Callable[..., list[Encoding]] | None = None) -> list[Encoding]:
         try:
-            return self.hf.encode_batch(texts, add_special_tokens=False)
+            return (method or self.hf.encode_batch)(texts, add_special_tokens=False)
         except Exception as exc:
             # WordLevel refuses unknown characters with a generic message; name the character.
             unknown = self._unknown_chars(texts) if self.kind == "char" else []
             if not unknown:
                 raise
-            char = unknown[0]
-            raise UserError(
-                f"character {char!r} (U+{ord(char):04X}) is not in the char tokenizer's "
-                f"vocabulary ({len(unknown)} unknown character(s) in total); a char tokenizer "
-                "only knows the characters of its training text: train it on text that "
-                "contains them, or use the bpe tokenizer for open text"
-            ) from exc
+            raise _unknown_char_error(unknown) from exc
+
+    @cached_property
+    def _char_table(self) -> np.ndarray | None:
+        """Unicode code point -> id (-1: unknown), for char tokenizers of gptlab's own making."""
+        spec = json.loads(self.to_str())
+        if (self.kind != "char" or spec.get("normalizer") or spec.get("added_tokens")
+                or spec.get("pre_tokenizer") != _CHAR_PRE_TOKENIZER):
+            return None
+        vocab = self.hf.get_vocab(with_added_tokens=False)
+        if any(len(char) != 1 for char in vocab):
+            return None
+        table = np.full(0x110000, -1, dtype=np.int32)
+        table[[ord(char) for char in vocab]] = list(vocab.values())
+        return table
+
+    def _lookup_chars(self, text: str) -> np.ndarray:
+        points = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        ids = self._char_table[points]
+        if (ids < 0).any():
+            raise _unknown_char_error(self._unknown_chars([text]))
+        return ids.astype(np.uint32)
 
     def _unknown_chars(self, texts: list[str]) -> list[str]:
         vocab = self.hf.get_vocab(with_added_tokens=False)
@@ -126,6 +167,78 @@ class Tokenizer:
         for text in texts:
             seen.update(text)
         return sorted(seen.difference(vocab))
+
+
+def _unknown_char_error(unknown: list[str]) -> UserError:
+    char = unknown[0]
+    return UserError(
+        f"character {char!r} (U+{ord(char):04X}) is not in the char tokenizer's "
+        f"vocabulary ({len(unknown)} unknown character(s) in total); a char tokenizer "
+        "only knows the characters of its training text: train it on text that "
+        "contains them, or use the bpe tokenizer for open text"
+    )
+
+
+def from_spec(spec: str) -> Tokenizer:
+    """A ready-made tokenizer: a standard one by name (gpt2), or a tokenizer.json file."""
+    if spec == "gpt2":
+        return from_tiktoken_ranks(sources.locate(sources.GPT2_RANKS))
+    return Tokenizer.load(spec)
+
+
+def from_tiktoken_ranks(path: str | Path) -> Tokenizer:
+    """A byte-level BPE from a tiktoken merge-ranks file (e.g. GPT-2's), with <|endoftext|> last.
+
+    tiktoken stores each token's bytes and rank; the Hugging Face model needs merges, which
+    are recovered by running BPE on each token with only the lower ranks (the merge that
+    makes the token is the last one). GPT-2's pre-tokenizer regex is ByteLevel's.
+    """
+    ranks = _read_ranks(Path(path))
+    chars = _byte_chars()
+    as_text = {token: "".join(chars[b] for b in token) for token in ranks}
+    merges = [tuple(as_text[part] for part in _last_merge(ranks, token))
+              for token in sorted(ranks, key=ranks.get) if len(token) > 1]
+    hf = HFTokenizer(models.BPE(vocab={as_text[t]: r for t, r in ranks.items()}, merges=merges))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    hf.add_special_tokens([EOS_TOKEN])
+    return Tokenizer(hf)
+
+
+def _read_ranks(path: Path) -> dict[bytes, int]:
+    ranks: dict[bytes, int] = {}
+    for number, line in enumerate(sources.read_text(path).splitlines(), 1):
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except (ValueError, binascii.Error):
+            raise UserError(f"{path} line {number} is not '<base64 token> <rank>'; give a "
+                            "tiktoken merge-ranks file such as GPT-2's") from None
+    if sorted(ranks.values()) != list(range(len(ranks))) or any(
+            bytes([b]) not in ranks for b in range(256)):
+        raise UserError(f"{path} is not a byte-level BPE: its ranks must be 0..n-1 and "
+                        "include all 256 single bytes")
+    return ranks
+
+
+def _last_merge(ranks: dict[bytes, int], token: bytes) -> tuple[bytes, bytes]:
+    """The two tokens whose merge makes `token`: BPE on its bytes with the lower ranks only."""
+    parts = [bytes([b]) for b in token]
+    while len(parts) > 2:
+        rank, i = min((ranks.get(a + b, len(ranks)), i)
+                      for i, (a, b) in enumerate(zip(parts[:-1], parts[1:], strict=True)))
+        if rank >= ranks[token]:
+            raise UserError(f"token {token!r} of rank {ranks[token]} cannot be made from "
+                            "lower-ranked tokens; the ranks file is not a BPE")
+        parts[i : i + 2] = [parts[i] + parts[i + 1]]
+    return parts[0], parts[1]
+
+
+def _byte_chars() -> list[str]:
+    """GPT-2's printable stand-in for each byte (printable Latin-1 as is, the rest from U+0100)."""
+    printable = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
+    extra = iter(range(0x100, 0x200))
+    return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
 
 
 def train_tokenizer(
