@@ -22,7 +22,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(if $(LOCAL_TORCH_WHEEL),$(BIN)/pip install --quiet $(LOCAL_TORCH_WHEEL))
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,hf]'
 	touch $@
 
 install: $(VENV)/.installed  ## create .venv and install gptlab with its dependencies
