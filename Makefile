@@ -11,7 +11,7 @@ ifneq ($(wildcard ../shared/data/tinyshakespeare),)
 export GPTLAB_DATA_MIRROR ?= $(abspath ../shared/data)
 endif
 
-.PHONY: help install train finetune-sst2 translate-multi30k nanogpt-cpu nanogpt-gpu \
+.PHONY: help install train finetune-sst2 finetune-sst2-gpt2 translate-multi30k nanogpt-cpu nanogpt-gpu \
 	gpt1-ablation gpt1-layers scaling test lint bench clean
 
 help:  ## list the targets
@@ -35,6 +35,9 @@ finetune-sst2: install  ## SST-2 recipe: pretrain on unlabeled text, fine-tune, 
 	@set -eo pipefail; pretrained=$$($(BIN)/python train.py experiment=sst2_pretrain $(ARGS) \
 	    | tee /dev/stderr | sed -n 's/^run folder: //p'); \
 	$(BIN)/python train.py experiment=sst2_finetune task.init_from=$$pretrained $(ARGS)
+
+finetune-sst2-gpt2: install  ## SST-2 fine-tuning from GPT-2 small's weights (hf:gpt2; a GPU)
+	$(BIN)/python train.py experiment=sst2_finetune_gpt2 $(ARGS)
 
 translate-multi30k: install  ## Multi30k en->de recipe: train, then BLEU on test2016 (greedy)
 	@set -eo pipefail; run=$$($(BIN)/python train.py experiment=translate_multi30k_en_de $(ARGS) \

@@ -291,16 +291,16 @@ def test_init_from_hf_loads_the_weights_into_a_task(gpt2_folder, tokenizer):
                            tokenizer=tokenizer, init_from=f"hf:{gpt2_folder}")
 
 
-GPT2_HF_SHRUNK = ("model=gpt2_hf", "model.n_layer=2", "model.n_head=3", "model.n_embd=24",
-                  "model.block_size=64")
+GPT2_SHRUNK = ("model.n_layer=2", "model.n_head=3", "model.n_embd=24", "model.block_size=64")
 
 
 @pytest.mark.slow
-def test_pretrain_from_hf_gpt2_then_export_the_run(workspace, gpt2_folder, tmp_path):
-    """HF folder -> train.py task.init_from=hf:... -> run folder -> export -> transformers."""
-    out = run_entry("train.py", *workspace.args, *FAST, *GPT2_HF_SHRUNK,
-                    f"task.init_from=hf:{gpt2_folder}")
+def test_sst2_from_hf_gpt2_then_export_the_run(workspace, gpt2_folder, tmp_path):
+    """HF folder -> the SST-2 GPT-2 recipe (shrunk, local weights) -> export -> transformers."""
+    out = run_entry("train.py", "experiment=sst2_finetune_gpt2", *workspace.args, *FAST,
+                    *GPT2_SHRUNK, f"task.init_from=hf:{gpt2_folder}")
     run = run_folder(out)
+    assert "/classify/runs/" in str(run) and "val_full/acc" in out
     imported = HFModel(str(gpt2_folder))
     assert (run / "tokenizer.json").read_text() == imported.tokenizer.to_str()
 
@@ -314,17 +314,17 @@ def test_pretrain_from_hf_gpt2_then_export_the_run(workspace, gpt2_folder, tmp_p
 
 
 @pytest.mark.slow
-def test_classify_from_hf_llama(workspace, tokenizer, tmp_path):
-    """A Llama-family folder fine-tunes as model=nano (its shape), with its own eps."""
+def test_pretrain_from_hf_llama(workspace, tokenizer, tmp_path):
+    """A Llama-family folder continues pretraining as model=nano (its shape), with its eps."""
     nano = dict(max_position_embeddings=64, hidden_size=48, intermediate_size=128,
                 num_hidden_layers=3, num_attention_heads=3, tie_word_embeddings=True,
                 rms_norm_eps=1e-5)
     folder = save_hf(hf_model(tokenizer, "llama", **nano), tokenizer, tmp_path / "llama")
     out = run_entry("train.py", *workspace.args, *FAST, "model=nano", "model.norm_eps=1e-5",
-                    "task=classify", "data=sst2", f"task.init_from=hf:{folder}")
+                    f"task.init_from=hf:{folder}")
     run = run_folder(out)
     assert (run / "tokenizer.json").read_text() == HFModel(str(folder)).tokenizer.to_str()
-    assert "val_full/acc" in out
+    assert "/pretrain/runs/" in str(run) and "val_full/loss" in out
 
 
 def test_a_hub_id_without_network_is_one_error_line(workspace, tmp_path):

@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import tempfile
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -220,12 +220,17 @@ def hf_config(config: GPTConfig, eos_id: int | None):
     return _transformers().AutoConfig.for_model(family.model_type, **values)
 
 
+def _family_named(model_type: str, source: str) -> Family:
+    family = next((f for f in FAMILIES if f.model_type == model_type), None)
+    if family is None:
+        raise UserError(f"hf:{source} is a {model_type} model; gptlab imports "
+                        f"{' and '.join(f.model_type for f in FAMILIES)} models")
+    return family
+
+
 def gptlab_config(hf, source: str) -> GPTConfig:
     """The GPTConfig of a transformers config, or a UserError naming what gptlab lacks."""
-    family = next((f for f in FAMILIES if f.model_type == hf.model_type), None)
-    if family is None:
-        raise UserError(f"hf:{source} is a {hf.model_type} model; gptlab imports "
-                        f"{' and '.join(f.model_type for f in FAMILIES)} models")
+    family = _family_named(hf.model_type, source)
     for key, accepted, why in family.refusals:
         if not accepted(hf):
             raise UserError(f"hf:{source} has {key}={getattr(hf, key)!r}, which gptlab cannot "
@@ -288,7 +293,7 @@ class HFModel:
         self.source = source
         self.hf_config = _from_hf_source(transformers.AutoConfig.from_pretrained, source)
         self.config = gptlab_config(self.hf_config, source)
-        self.family = next(f for f in FAMILIES if f.model_type == self.hf_config.model_type)
+        self.family = _family_named(self.hf_config.model_type, source)
         self._tokenizer = _import_tokenizer(source)
         if self._tokenizer.vocab_size != self.config.vocab_size:
             raise UserError(
@@ -362,14 +367,14 @@ def export(pretrained: Pretrained, out: str | Path) -> Path:
                         f"another path or delete that one")
     config = GPTConfig(**pretrained.artifacts["model_config"])
     tokenizer = pretrained.tokenizer
-    hf_cfg = hf_config(config, tokenizer.eos_id)
-    family = family_of(config)
+    family, hf_cfg = family_of(config), hf_config(config, tokenizer.eos_id)
     model = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32).eval()
     weights = pretrained.weights()
     model.load_state_dict(to_hf(weights, family, config.n_layer, model.state_dict()))
     _check_logits(config, weights, model)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.tmp"  # mkdir keeps the umask
+    tmp.mkdir()
     try:
         model.save_pretrained(tmp)
         hf_tokenizer(tokenizer, config.block_size).save_pretrained(tmp)
