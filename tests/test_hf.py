@@ -181,13 +181,20 @@ def test_gptlab_to_hf_to_gptlab_keeps_logits_and_greedy_tokens(variant, tokenize
     assert gptlab_greedy(back, tokenizer, 20) == gptlab_greedy(original, tokenizer, 20)
 
 
-def test_exported_tokenizer_encodes_and_decodes_like_gptlab(tokenizer, tmp_path, shakespeare):
+@pytest.mark.parametrize("kind", ["bpe", "char"])
+def test_exported_tokenizer_encodes_and_decodes_like_gptlab(kind, tokenizer, tmp_path,
+                                                          shakespeare):
+    text = shakespeare[60_000:62_000]
+    if kind == "bpe":
+        text += "<|endoftext|>é 🙂"
+    else:
+        tokenizer = train_tokenizer("char", [shakespeare])
     folder = export(load_checkpoint(gptlab_checkpoint(tmp_path, tokenizer)), tmp_path / "hf")
     theirs = AutoTokenizer.from_pretrained(folder)
-    text = shakespeare[60_000:62_000] + "<|endoftext|>é 🙂"
     assert theirs(text)["input_ids"] == tokenizer.encode(text)
     assert theirs.decode(tokenizer.encode(text)) == text
-    assert theirs.eos_token == "<|endoftext|>" and theirs.model_max_length == 64
+    assert theirs.eos_token == ("<|endoftext|>" if kind == "bpe" else None)
+    assert theirs.model_max_length == 64
     assert HFModel(str(folder)).tokenizer.encode(text) == tokenizer.encode(text)
 
 
@@ -244,7 +251,7 @@ def test_export_command_refuses_with_one_line(tokenizer, tmp_path, capsys):
     ("llama", dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}),
      "has rope_parameters="),
     ("llama", dict(attention_bias=True, mlp_bias=False), "has mlp_bias=False"),
-    ("opt", {}, "is a opt model"),
+    ("opt", {}, "is a model of type opt; gptlab imports gpt2 and llama models"),
 ])
 def test_import_refuses_what_gptlab_cannot_reproduce(model_type, config, named):
     shape = {"gpt2": GPT2_SHAPE, "llama": LLAMA_SHAPE}.get(model_type, {})

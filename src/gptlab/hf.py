@@ -223,7 +223,7 @@ def hf_config(config: GPTConfig, eos_id: int | None):
 def _family_named(model_type: str, source: str) -> Family:
     family = next((f for f in FAMILIES if f.model_type == model_type), None)
     if family is None:
-        raise UserError(f"hf:{source} is a {model_type} model; gptlab imports "
+        raise UserError(f"hf:{source} is a model of type {model_type}; gptlab imports "
                         f"{' and '.join(f.model_type for f in FAMILIES)} models")
     return family
 
