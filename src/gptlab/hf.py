@@ -27,7 +27,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -36,6 +36,9 @@ from gptlab.data.tokenizers import EOS_TOKEN, Tokenizer
 from gptlab.errors import UserError
 from gptlab.models.gpt import GPT, NORM_EPS, GPTConfig
 from gptlab.safetensors_checkpoints import SUFFIX, convert
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
 
 INSTALL_HINT = "pip install -e '.[hf]'"
 LOGITS_ATOL = 1e-4  # export checks the transformers model against gptlab's within this (fp32)
@@ -210,7 +213,7 @@ def family_of(config: GPTConfig) -> Family:
     return family
 
 
-def hf_config(config: GPTConfig, eos_id: int | None):
+def hf_config(config: GPTConfig, eos_id: int | None) -> PretrainedConfig:
     """The transformers config of a gptlab model (see family_of for what is refused)."""
     family = family_of(config)
     values = {key: getattr(config, field) for field, key in family.same.items()}
@@ -228,7 +231,7 @@ def _family_named(model_type: str, source: str) -> Family:
     return family
 
 
-def gptlab_config(hf, source: str) -> GPTConfig:
+def gptlab_config(hf: PretrainedConfig, source: str) -> GPTConfig:
     """The GPTConfig of a transformers config, or a UserError naming what gptlab lacks."""
     family = _family_named(hf.model_type, source)
     for key, accepted, why in family.refusals:
@@ -239,7 +242,7 @@ def gptlab_config(hf, source: str) -> GPTConfig:
     values |= family.from_hf(hf)
     eps = getattr(hf, family.eps_key)
     values["norm_eps"] = None if eps == NORM_EPS[values["norm"]] else eps
-    usual_width = GPTConfig(**values).mlp_width  # None below: the preset default fits
+    usual_width = GPTConfig(**values).mlp_width  # what mlp_hidden=None gives
     width = getattr(hf, family.width_key)
     values["mlp_hidden"] = None if width in (None, usual_width) else width
     return GPTConfig(**values)
@@ -385,7 +388,8 @@ def export(pretrained: Pretrained, out: str | Path) -> Path:
     return out
 
 
-def _check_logits(config: GPTConfig, weights: dict[str, torch.Tensor], model) -> None:
+def _check_logits(config: GPTConfig, weights: dict[str, torch.Tensor],
+                  model: PreTrainedModel) -> None:
     ours = GPT(config)
     ours.load_state_dict(weights)
     idx = torch.arange(min(config.block_size, 16))[None] % config.vocab_size
@@ -396,7 +400,7 @@ def _check_logits(config: GPTConfig, weights: dict[str, torch.Tensor], model) ->
                            f"{diff:.2e} in logits (allowed {LOGITS_ATOL}); this is a bug")
 
 
-def hf_tokenizer(tokenizer: Tokenizer, max_length: int):
+def hf_tokenizer(tokenizer: Tokenizer, max_length: int) -> PreTrainedTokenizerFast:
     """The tokenizer.json wrapped for AutoTokenizer, <|endoftext|> as its BOS/EOS if it has one."""
     from tokenizers import Tokenizer as RawTokenizer
 
