@@ -11,8 +11,8 @@ ifneq ($(wildcard ../shared/data/tinyshakespeare),)
 export GPTLAB_DATA_MIRROR ?= $(abspath ../shared/data)
 endif
 
-.PHONY: help install train finetune-sst2 translate-multi30k nanogpt-cpu nanogpt-gpu \
-	gpt1-ablation gpt1-layers scaling test lint bench bench-prepare clean
+.PHONY: help install train finetune-sst2 finetune-sst2-gpt2 translate-multi30k \
+	nanogpt-cpu nanogpt-gpu gpt1-ablation gpt1-layers scaling test lint bench bench-prepare clean
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
@@ -22,7 +22,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(if $(LOCAL_TORCH_WHEEL),$(BIN)/pip install --quiet $(LOCAL_TORCH_WHEEL))
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,hf]'
 	touch $@
 
 install: $(VENV)/.installed  ## create .venv and install gptlab with its dependencies
@@ -35,6 +35,9 @@ finetune-sst2: install  ## SST-2 recipe: pretrain on unlabeled text, fine-tune, 
 	@set -eo pipefail; pretrained=$$($(BIN)/python train.py experiment=sst2_pretrain $(ARGS) \
 	    | tee /dev/stderr | sed -n 's/^run folder: //p'); \
 	$(BIN)/python train.py experiment=sst2_finetune task.init_from=$$pretrained $(ARGS)
+
+finetune-sst2-gpt2: install  ## SST-2 fine-tuning from GPT-2 small's weights (hf:gpt2; a GPU)
+	$(BIN)/python train.py experiment=sst2_finetune_gpt2 $(ARGS)
 
 translate-multi30k: install  ## Multi30k en->de recipe: train, then BLEU on test2016 (greedy)
 	@set -eo pipefail; run=$$($(BIN)/python train.py experiment=translate_multi30k_en_de $(ARGS) \

@@ -237,6 +237,7 @@ def test_return_hidden_gives_final_norm_states():
         (dict(mlp="relu"), "mlp"),
         (dict(n_embd=36, n_head=4, pos_emb="rope"), "head size"),
         (dict(n_layer=0), "n_layer"),
+        (dict(norm_eps=0.0), "norm_eps"),
     ],
 )
 def test_bad_config_raises_user_error(overrides, field):
@@ -250,3 +251,31 @@ def test_too_long_input_raises_user_error():
         model(torch.zeros(1, 17, dtype=torch.long))
     with pytest.raises(UserError, match="prompt"):
         model.generate([[1], []], 3)
+
+
+def test_gelu_tanh_uses_the_tanh_approximation():
+    exact, approx = tiny_model(mlp="gelu"), tiny_model(mlp="gelu_tanh")
+    approx.load_state_dict(exact.state_dict())
+    x = torch.randn(2, 5, 16) * 3
+    mlp = exact.blocks[0].mlp
+    torch.testing.assert_close(
+        approx.blocks[0].mlp(x), mlp.c_proj(F.gelu(mlp.c_fc(x), approximate="tanh")))
+    assert not torch.allclose(approx.blocks[0].mlp(x), mlp(x))
+    assert approx.config.mlp_width == exact.config.mlp_width == 64
+
+
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+def test_norm_eps_reaches_every_norm(norm):
+    usual = tiny_model(norm=norm)
+    assert {m.eps for m in usual.modules() if hasattr(m, "eps")} == {usual.config.norm_epsilon}
+    assert usual.config.norm_epsilon == {"layernorm": 1e-5, "rmsnorm": 1e-6}[norm]
+    wide = tiny_model(norm=norm, norm_eps=0.5)
+    assert {m.eps for m in wide.modules() if hasattr(m, "eps")} == {0.5}
+    wide.load_state_dict(usual.state_dict())
+    idx = torch.tensor([[1, 2, 3]])
+    assert not torch.allclose(wide(idx), usual(idx))
+
+
+def test_configs_without_the_newer_fields_still_load():
+    old = {k: v for k, v in dataclasses.asdict(GPTConfig()).items() if k != "norm_eps"}
+    assert GPTConfig(**old).norm_epsilon == 1e-5

@@ -6,7 +6,9 @@ evaluate, sample or resume. Loading uses `torch.load(weights_only=True)`, and th
 checkpoint stores may only name gptlab's own data classes (`ALLOWED_TARGETS`): a checkpoint
 from anywhere can never run code on the loading machine. Writing goes through a temporary
 file in the checkpoint's own folder (`AtomicCheckpointIO`), so a crash at any moment leaves
-the previous checkpoint whole.
+the previous checkpoint whole. A `.safetensors` checkpoint (safetensors_checkpoints.py) is
+read without any pickle, and `task.init_from=hf:<folder or hub id>` starts from a Hugging
+Face model (hf.py).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -26,6 +28,9 @@ from gptlab.data.tokenizers import Tokenizer
 from gptlab.errors import UserError
 from gptlab.models.gpt import GPT, GPTConfig
 from gptlab.utils.files import save_atomic
+
+if TYPE_CHECKING:
+    from gptlab.hf import HFModel
 
 CHECKPOINT_KEY = "gptlab"  # what a checkpoint carries besides the weights (GPTTask.artifacts)
 LAST = "last.ckpt"
@@ -190,19 +195,27 @@ def best_checkpoint(run_dir: Path) -> Path | None:
     return last if last.is_file() else None
 
 
-def load_pretrained(init_from: str) -> Checkpoint:
-    """The checkpoint that `task.init_from` names: a checkpoint file or a run folder."""
+def load_pretrained(init_from: str) -> Checkpoint | HFModel:
+    """What `task.init_from` names: a checkpoint file, a run folder, or hf:<Hugging Face model>."""
+    if str(init_from).startswith("hf:"):
+        from gptlab.hf import HFModel  # it imports this module
+
+        return HFModel(str(init_from).removeprefix("hf:"))
     path = Path(str(init_from)).expanduser()
     if not path.exists():
         raise UserError(
             f"task.init_from={init_from} does not exist; pass a checkpoint file or a "
-            f"pretraining run folder (logs/pretrain/runs/...)"
+            f"pretraining run folder (logs/pretrain/runs/...), or hf:<Hugging Face model>"
         )
     found, run_dir = find_checkpoint(run=str(path)) if path.is_dir() else (path, None)
     return load_checkpoint(found, run_dir)
 
 
 def load_checkpoint(path: Path, run_dir: Path | None = None) -> Checkpoint:
+    if path.suffix == ".safetensors":
+        from gptlab import safetensors_checkpoints  # it imports this module
+
+        return Checkpoint(path, run_dir, safetensors_checkpoints.load(path))
     try:
         # mmap: tensors are read when used, so reading only the artifacts (e.g. the
         # tokenizer of task.init_from) does not read the weights and optimizer state.

@@ -19,7 +19,9 @@ from gptlab.errors import UserError
 
 POS_EMBS = ("learned", "rope")
 NORMS = ("layernorm", "rmsnorm")
-MLPS = ("gelu", "swiglu")
+MLPS = ("gelu", "gelu_tanh", "swiglu")
+# The usual eps of each norm (PyTorch's LayerNorm, Llama's RMSNorm), used when norm_eps is None.
+NORM_EPS = {"layernorm": 1e-5, "rmsnorm": 1e-6}
 
 
 @dataclass
@@ -35,7 +37,8 @@ class GPTConfig:
     bias: bool = False  # bias in Linear and LayerNorm layers (RMSNorm never has one)
     pos_emb: str = "learned"  # "learned" | "rope"
     norm: str = "layernorm"  # "layernorm" | "rmsnorm"
-    mlp: str = "gelu"  # "gelu" | "swiglu"
+    norm_eps: float | None = None  # None: the norm's usual eps (NORM_EPS)
+    mlp: str = "gelu"  # "gelu" (exact, erf) | "gelu_tanh" (GPT-2's approximation) | "swiglu"
     # None picks a width that gives both MLP kinds about the same parameter count; see mlp_width.
     mlp_hidden: int | None = None
     rope_base: float = 10000.0
@@ -71,6 +74,11 @@ class GPTConfig:
                 f"{self.n_embd}/{self.n_head} = {self.n_embd // self.n_head}; change n_embd or "
                 "n_head"
             )
+        if self.norm_eps is not None and self.norm_eps <= 0:
+            raise UserError(
+                f"model config: norm_eps={self.norm_eps} must be positive, or null for the "
+                "norm's usual eps"
+            )
         if self.rope_base <= 0:
             raise UserError(f"model config: rope_base={self.rope_base} must be positive")
 
@@ -79,16 +87,20 @@ class GPTConfig:
         return self.n_embd // self.n_head
 
     @property
+    def norm_epsilon(self) -> float:
+        return NORM_EPS[self.norm] if self.norm_eps is None else self.norm_eps
+
+    @property
     def mlp_width(self) -> int:
         """Hidden width of the MLP.
 
-        GELU uses GPT-2's 4 * n_embd, i.e. 8 * n_embd^2 weights. SwiGLU has three matrices, so
-        8/3 * n_embd gives the same count; it is rounded up to a multiple of 64 for efficient
-        matmuls, which is exact for n_embd = 384 (1024) and a few percent more elsewhere.
+        GELU (either form) uses GPT-2's 4 * n_embd, i.e. 8 * n_embd^2 weights. SwiGLU has three
+        matrices, so 8/3 * n_embd gives the same count; it is rounded up to a multiple of 64 for
+        efficient matmuls, which is exact for n_embd = 384 (1024) and a few percent more elsewhere.
         """
         if self.mlp_hidden is not None:
             return self.mlp_hidden
-        if self.mlp == "gelu":
+        if self.mlp != "swiglu":
             return 4 * self.n_embd
         return -(-8 * self.n_embd // (3 * 64)) * 64
 
@@ -107,8 +119,8 @@ class RMSNorm(nn.Module):
 
 def make_norm(config: GPTConfig) -> nn.Module:
     if config.norm == "rmsnorm":
-        return RMSNorm(config.n_embd)
-    return nn.LayerNorm(config.n_embd, bias=config.bias)
+        return RMSNorm(config.n_embd, config.norm_epsilon)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_epsilon, bias=config.bias)
 
 
 def make_dropout(config: GPTConfig) -> nn.Module:
@@ -246,12 +258,16 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """GPT-2's GELU MLP, or SwiGLU (Shazeer 2020): silu(x W) * (x V), then the output matrix."""
+    """GPT-2's GELU MLP, or SwiGLU (Shazeer 2020): silu(x W) * (x V), then the output matrix.
+
+    GELU is exact (erf) for mlp="gelu" and GPT-2's tanh approximation for mlp="gelu_tanh".
+    """
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         hidden = config.mlp_width
         self.swiglu = config.mlp == "swiglu"
+        self.approximate = "tanh" if config.mlp == "gelu_tanh" else "none"
         # SwiGLU's gate and value projections are fused into one matmul.
         fc_out = 2 * hidden if self.swiglu else hidden
         self.c_fc = nn.Linear(config.n_embd, fc_out, bias=config.bias)
@@ -264,7 +280,7 @@ class MLP(nn.Module):
             gate, value = h.chunk(2, dim=-1)
             h = F.silu(gate) * value
         else:
-            h = F.gelu(h)
+            h = F.gelu(h, approximate=self.approximate)
         return self.dropout(self.c_proj(h))
 
 
