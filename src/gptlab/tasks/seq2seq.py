@@ -17,7 +17,6 @@ from torchmetrics.text import CHRFScore, SacreBLEUScore
 from gptlab.data.finetune import encode_sources, eos_id
 from gptlab.data.lm_datamodule import IGNORE_INDEX
 from gptlab.errors import UserError
-from gptlab.models.beam import beam_search
 from gptlab.tasks.base import GPTTask, lm_loss
 
 
@@ -98,12 +97,9 @@ class Seq2SeqTask(GPTTask):
     def decode(self, prompts: list[list[int]], greedy: bool = False) -> list[str]:
         """Target text for each prompt (source tokens + separator)."""
         eos = eos_id(self.tokenizer)
-        if self.hparams.beam_size > 1 and not greedy:
-            outputs = beam_search(self.model, prompts, self.hparams.max_new_tokens,
-                                  self.hparams.beam_size, eos)
-        else:
-            outputs = self.model.generate(prompts, self.hparams.max_new_tokens,
-                                          temperature=0.0, stop_token=eos)
+        outputs = self.model.generate(prompts, self.hparams.max_new_tokens, temperature=0.0,
+                                      stop_token=eos,
+                                      beam_size=1 if greedy else self.hparams.beam_size)
         return [self.tokenizer.decode(ids[:-1] if ids and ids[-1] == eos else ids).strip()
                 for ids in outputs]
 
