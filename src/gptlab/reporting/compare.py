@@ -39,7 +39,7 @@ import torch
 import yaml
 
 from gptlab.errors import UserError
-from gptlab.models.gpt import GPT, GPTConfig
+from gptlab.models import GPTConfig, build_model
 
 RUN_COLUMNS = ["run", "params", "steps", "tokens", "wall_s"]
 CURVE_AXES = [("step", "optimizer steps", "linear"), ("val/tokens", "tokens seen", "log"),
@@ -134,7 +134,7 @@ def count_params(folder: Path) -> int | None:
     if not config_file.is_file():
         return None
     with torch.device("meta"):
-        model = GPT(GPTConfig(**json.loads(config_file.read_text())))
+        model = build_model(GPTConfig(**json.loads(config_file.read_text())))
     return model.num_params()
 
 
