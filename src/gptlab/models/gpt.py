@@ -187,6 +187,10 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
         self.max_len = max_len
         self.length = 0
+        # Whole buffers behind k and v (which may use only their first rows), and a second
+        # set that `reorder` copies into.
+        self._bases = self.k + self.v
+        self._spare: list[torch.Tensor] | None = None
 
     def update(
         self, layer_idx: int, k: torch.Tensor, v: torch.Tensor
@@ -201,13 +205,22 @@ class KVCache:
         self.length += n
 
     def reorder(self, rows: torch.Tensor) -> None:
-        """Keep these batch rows, in this order (beam search; rows that finished are dropped)."""
-        n = self.length
-        for store in (self.k, self.v):
-            for i, cached in enumerate(store):
-                kept = cached.new_empty((len(rows), *cached.shape[1:]))
-                kept[:, :, :n] = cached[rows, :, :n]  # only the filled part is copied
-                store[i] = kept
+        """Keep these batch rows, in this order (beam search; rows that finished are dropped).
+
+        The filled part of every buffer is gathered into a second set of buffers, which then
+        swaps with the first: beam search reorders at every step, and taking fresh memory each
+        time (page faults) would cost several times the copy itself. The spare set is sized
+        for the largest batch seen, so dropping rows needs no new memory either.
+        """
+        n, live = len(rows), self.k + self.v
+        if self._spare is None or self._spare[0].size(0) < n:
+            self._spare = [t.new_empty((n, *t.shape[1:])) for t in live]
+        kept = [spare[:n] for spare in self._spare]
+        for source, target in zip(live, kept, strict=True):
+            torch.index_select(source[:, :, : self.length], 0, rows,
+                               out=target[:, :, : self.length])
+        self._bases, self._spare = self._spare, self._bases
+        self.k, self.v = kept[: len(self.k)], kept[len(self.k) :]
 
 
 def reference_attention(
