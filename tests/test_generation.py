@@ -3,12 +3,15 @@ logits-processor hook, for both architectures."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from gptlab.errors import UserError
 from gptlab.models import GPT, EncoderDecoder, GPTConfig
+from tests.conftest import run_entry
 
 SHAPE = dict(vocab_size=17, block_size=16, n_layer=2, n_head=2, n_embd=16)
 PROMPTS = [[1, 2, 3, 4, 5], [7, 3], [9, 9, 1, 0, 4, 2, 8, 8, 3], [4, 5, 6, 7, 8], [11]]
@@ -201,3 +204,11 @@ def test_beam_search_refuses_sampling_options_and_bad_sizes():
         model.generate(PROMPTS, 3, beam_size=0)
     with pytest.raises(UserError, match="one non-empty source per prompt"):
         encoder_decoder().generate([[1], []], 3, start_token=0)
+
+
+def test_the_beam_speed_bench_runs_in_small(tmp_path):
+    out = run_entry("bench/beam_speed.py", "--sentences", "4", "--rounds", "1",
+                    "--architecture", "encoder_decoder", "--json", str(tmp_path / "beam.json"))
+    figures = json.loads((tmp_path / "beam.json").read_text())
+    assert figures["sentences"] == 4 and figures["beam4_time_over_greedy"] > 0
+    assert "| beam 4 |" in out and "x greedy's time" in out
