@@ -9,7 +9,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
-import torch
 from rouge_score.rouge_scorer import RougeScorer
 
 from gptlab.data import sources
@@ -151,7 +150,11 @@ def test_the_report_sets_the_model_beside_the_lead_baseline_and_the_senders_subj
     assert task.baselines["lead-2 vs annotations"] == rouge(["Hi Phillip,", "Gas prices"],
                                                             task.annotations)
     results = {f"test/{name}": value for name, value in scores.items()} | {"test/loss": 1.0}
+    unannotated = SummarizationTask(asdict(GPTConfig(**shape)), {"lr": 1e-3}, {},
+                                    tokenizer=tokenizer)
+    unannotated.outputs, unannotated.references = task.outputs, task.references
+    unannotated.annotations = [[], []]  # e.g. AESLC's train split
+    assert set(unannotated.corpus_scores()) == {"rouge1", "rouge2", "rougeL"}
     report = task.report(results, "test")
     assert "model vs annotations (best)" in report and "lead-3 vs target" in report
     assert "rouge_score" in report and "Porter stemmer" in report
-    assert torch.is_tensor(task.model.lm_head.weight)

@@ -68,11 +68,17 @@ class SummarizationTask(Seq2SeqTask):
         self.sources += batch["sources"]
         self.annotations += batch.get("annotations") or []
 
+    @property
+    def annotated(self) -> bool:
+        """Whether every example of this validation has extra references (AESLC's train has
+        none, its dev and test three each)."""
+        return bool(self.annotations) and all(self.annotations)
+
     def corpus_scores(self) -> dict[str, float]:
         scores = rouge(self.outputs, self.references)
         self.signatures["rouge"] = (f"rouge_score {version('rouge-score')}, F-measure x100, "
                                     f"Porter stemmer, mean over {len(self.outputs)} examples")
-        if self.annotations:
+        if self.annotated:
             scores |= {f"{name}_ann": value for name, value in
                        rouge(self.outputs, self.annotations).items()}
             self.signatures["rouge_ann"] = "best of each example's annotations, per metric"
@@ -89,7 +95,7 @@ class SummarizationTask(Seq2SeqTask):
         n = median_words(self.references)
         points = {f"lead-{n} vs target": rouge([lead(s, n) for s in self.sources],
                                                 self.references)}
-        if self.annotations:
+        if self.annotated:
             m = median_words([a for extra in self.annotations for a in extra])
             points[f"lead-{m} vs annotations"] = rouge([lead(s, m) for s in self.sources],
                                                         self.annotations)
