@@ -12,7 +12,8 @@ export GPTLAB_DATA_MIRROR ?= $(abspath ../shared/data)
 endif
 
 .PHONY: help install train finetune-sst2 finetune-sst2-gpt2 translate-multi30k \
-	nanogpt-cpu nanogpt-gpu gpt1-ablation gpt1-layers scaling test lint bench bench-prepare clean
+	summarize-aeslc nanogpt-cpu nanogpt-gpu gpt1-ablation gpt1-layers scaling \
+	seq2seq-architectures test lint bench bench-prepare clean
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
@@ -39,8 +40,18 @@ finetune-sst2: install  ## SST-2 recipe: pretrain on unlabeled text, fine-tune, 
 finetune-sst2-gpt2: install  ## SST-2 fine-tuning from GPT-2 small's weights (hf:gpt2; a GPU)
 	$(BIN)/python train.py experiment=sst2_finetune_gpt2 $(ARGS)
 
-translate-multi30k: install  ## Multi30k en->de recipe: train, then BLEU on test2016 (greedy)
+translate-multi30k: install  ## Multi30k en->de recipe: train, then BLEU/chrF on test2016 (4 beams)
 	@set -eo pipefail; run=$$($(BIN)/python train.py experiment=translate_multi30k_en_de $(ARGS) \
+	    | tee /dev/stderr | sed -n 's/^run folder: //p'); \
+	$(BIN)/python evaluate.py run=$$run
+
+# ARCH=decoder_only runs the AESLC recipe with a GPT instead of the encoder-decoder.
+ARCH ?= encoder_decoder
+SUMMARIZE_EXPERIMENT = $(if $(filter encoder_decoder,$(ARCH)),summarize_aeslc,$(if \
+	$(filter decoder_only,$(ARCH)),summarize_aeslc_decoder_only,$(error ARCH=$(ARCH): use \
+	encoder_decoder or decoder_only)))
+summarize-aeslc: install  ## AESLC email -> subject recipe: train, then ROUGE on test (ARCH=...)
+	@set -eo pipefail; run=$$($(BIN)/python train.py experiment=$(SUMMARIZE_EXPERIMENT) $(ARGS) \
 	    | tee /dev/stderr | sed -n 's/^run folder: //p'); \
 	$(BIN)/python evaluate.py run=$$run
 
@@ -61,6 +72,14 @@ scaling: install  ## loss against model size and against tokens, with power-law 
 	$(BIN)/python train.py experiment=scaling $(ARGS)
 	$(BIN)/python train.py experiment=scaling_tokens $(ARGS)
 
+# The sweep, then every run scored on test2016 and the sweep's comparison redrawn with those.
+seq2seq-architectures: install  ## decoder-only vs encoder-decoder on Multi30k, 2 seeds each
+	@set -eo pipefail; runs=$$($(BIN)/python train.py experiment=seq2seq_architectures $(ARGS) \
+	    | tee /dev/stderr | sed -n 's/^run folder: //p'); \
+	for run in $$runs; do $(BIN)/python evaluate.py run=$$run; done; \
+	$(BIN)/python -m gptlab.reporting.compare "$$(dirname "$$(echo "$$runs" | head -n 1)")" \
+	    --curves val/chrf val/loss
+
 # pytest-xdist workers, each with one thread (tests/conftest.py); 2 cores: about 9.5 minutes.
 TEST_WORKERS ?= 2
 test: install  ## run the test suite
@@ -69,9 +88,10 @@ test: install  ## run the test suite
 lint: install  ## ruff
 	$(BIN)/ruff check .
 
-bench: install  ## speed benchmarks: training step vs plain PyTorch, generation with/without KV cache
+bench: install  ## speed benchmarks: training step vs plain PyTorch, KV cache, beam vs greedy
 	$(BIN)/python bench/train_step.py
 	$(BIN)/python bench/generate_speed.py
+	$(BIN)/python bench/beam_speed.py
 
 bench-prepare: install  ## corpus preparation MB/s and peak memory, 1 and 2 processes, ~1 GB corpus
 	$(BIN)/python bench/prepare_speed.py $(ARGS)

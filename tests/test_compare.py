@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import json
+import os
 from pathlib import Path
 
 import pytest
@@ -94,3 +96,26 @@ def test_runs_of_different_tasks_are_not_mixed(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(tmp_path)])
     assert "different metrics (val/acc, val/loss)" in capsys.readouterr().err
+
+
+def test_evaluate_reports_become_columns_and_further_metrics_get_curves(tmp_path):
+    bleu = {("decoder_only", "1"): 30.0, ("decoder_only", "2"): 32.0,
+            ("encoder_decoder", "1"): 34.0, ("encoder_decoder", "2"): 35.0}
+    for i, ((architecture, seed), score) in enumerate(bleu.items()):
+        run = fake_run(tmp_path / str(i), [f"model.architecture={architecture}", f"seed={seed}"])
+        (run / ".hydra" / "config.yaml").write_text("optimized_metric: val/bleu\n"
+                                                    "optimized_mode: max\n")
+        (run / "csv" / "metrics.csv").write_text(
+            "step,val/bleu,val/chrf,val/elapsed_s\n9,10.0,30.0,5\n19,20.0,40.0,10\n")
+        (run / "evaluation-last-test.json").write_text('{"test/bleu": 1.0}')
+        os.utime(run / "evaluation-last-test.json", (1, 1))  # older: the next one wins
+        (run / "evaluation-best-step000019-test.json").write_text(
+            json.dumps({"checkpoint": "x", "test/bleu": score, "test/chrf": 50.0,
+                        "hypotheses": ["a"]}))
+    rows = compare([str(tmp_path)], out=tmp_path, curves=["val/chrf"])
+    assert [row["test/bleu"] for row in rows] == list(bleu.values())
+    assert "test/chrf" in (tmp_path / "comparison.md").read_text()
+    with open(tmp_path / "comparison_by_setting.csv") as f:
+        by_setting = {row["setting"]: row for row in csv.DictReader(f)}
+    assert float(by_setting["model.architecture=encoder_decoder"]["test/bleu mean"]) == 34.5
+    assert (tmp_path / "val_chrf_curves.png").read_bytes()[:4] == b"\x89PNG"

@@ -5,18 +5,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from gptlab.models import build_model
 from gptlab.models.gpt import GPTConfig
 from gptlab.utils.config import register_resolvers
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ["task", "model", "data", "trainer", "hardware", "logger", "callbacks", "debug",
-          "experiment"]
+          "experiment", "seq2seq_architecture"]
 REQUIRED = {"data=text_files": ["data.source.paths=[a.txt]"],
             "data=hf_dataset": ["data.source.path=json"],
             "data=labeled_files": ["data.source.files.train=a.tsv", "data.source.files.val=b.tsv"],
@@ -63,3 +65,14 @@ def test_model_sizes_have_the_documented_shapes():
     assert shapes["mini"][:3] == (6, 6, 192) and shapes["small"] == (6, 6, 384, 256)
     assert shapes["gpt1"] == (12, 12, 768, 512) and shapes["gpt2"] == (12, 12, 768, 1024)
     assert shapes["gpt2_medium"][:3] == (24, 16, 1024)
+
+
+def test_the_two_architectures_of_the_comparison_have_equal_parameter_counts():
+    counts = {}
+    for row in options("seq2seq_architecture"):
+        cfg = compose_train("experiment=translate_multi30k_en_de", f"seq2seq_architecture={row}")
+        with torch.device("meta"):
+            model = build_model(instantiate(cfg.model, vocab_size=8000))
+        counts[cfg.model.architecture] = model.num_params(non_embedding=False)
+    assert set(counts) == {"decoder_only", "encoder_decoder"}
+    assert counts["encoder_decoder"] == pytest.approx(counts["decoder_only"], rel=0.005)

@@ -157,3 +157,22 @@ def test_every_single_run_experiment_runs_with_debug_fast(workspace):
     assert len(runs) == len(experiments)
     for run in runs:
         assert json.loads((run / "results.json").read_text())["steps"] == 6
+
+
+@pytest.mark.slow
+def test_seq2seq_architectures_trains_both_architectures_and_compares_them(workspace):
+    """Both rows through the real sweep, under DDP on two CPU processes (hardware=ddp_cpu)."""
+    out = run_entry("train.py", "experiment=seq2seq_architectures", *workspace.args, *FAST,
+                    "logger=csv", "hardware=ddp_cpu", "seed=1", "task.max_new_tokens=4")
+    runs = sweep_runs(out)
+    architectures = [json.loads((run / "model_config.json").read_text())["architecture"]
+                     for run in runs]
+    assert architectures == ["decoder_only", "encoder_decoder"]
+    assert all(final(run, "steps") == 6 for run in runs)
+    sweep = runs[0].parent
+    rows = table(sweep / "comparison.csv")
+    assert [row["run"] for row in rows] == ["seq2seq_architecture=decoder_only",
+                                            "seq2seq_architecture=encoder_decoder"]
+    assert int(rows[1]["params"]) == pytest.approx(int(rows[0]["params"]), rel=0.005)
+    for name in ("val_curves.png", "val_chrf_curves.png", "val_loss_curves.png"):
+        assert (sweep / name).is_file(), name

@@ -73,17 +73,57 @@ def test_generate_labels_a_sentence_and_a_file(classify_run, tmp_path):
 
 def test_seq2seq_trains_evaluates_on_test2016_and_translates(seq2seq_run, tmp_path):
     run = seq2seq_run
-    assert metrics_column(run, "val/bleu") and metrics_column(run, "val/chrf")
+    for name in ("val/bleu", "val/chrf", "val/chrf++", "val/bleu_best"):
+        assert metrics_column(run, name), name
     results = json.loads((run / "results.json").read_text())
     assert "val_full/bleu" in results and "val_last/chrf" in results
+    assert "val_full/chrf++" in results
     out = run_entry("evaluate.py", f"run={run}", "trainer.limit_val_batches=1", "beam_size=2")
-    assert "test: BLEU" in out and "beam 2" in out
+    assert "test: BLEU" in out and "chrF++" in out and "beam 2" in out
+    assert "sacreBLEU nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:" in out
     report = json.loads(next(run.glob("evaluation-best-*-test.json")).read_text())
-    assert len(report["hypotheses"]) == 8
+    assert len(report["hypotheses"]) == 8 and "nw:0" in report["signatures"]["chrf"]
     (tmp_path / "in.txt").write_text("A man is riding a bike .\nTwo dogs play .\n")
     out = run_entry("generate.py", f"run={run}", f"input_file={tmp_path / 'in.txt'}",
                     f"output_file={tmp_path / 'out.txt'}")
     # Two sentences in, two translations out (a 6-step model's translations may be empty).
+    assert len((tmp_path / "out.txt").read_text().split("\n")) == 3 and "2 lines" in out
+
+
+@pytest.fixture(scope="module")
+def summarize_run(workspace) -> Path:
+    """An encoder-decoder (separate source and target tables) summarising AESLC emails."""
+    out = run_entry("train.py", *workspace.args, *FAST, "model=nano", "task=summarize",
+                    "data=aeslc", "data.vocab_size=1000", "data.max_source_tokens=40",
+                    "model.architecture=encoder_decoder", "model.n_encoder_layer=1",
+                    "model.share_embeddings=false", "task.max_new_tokens=6")
+    return run_folder(out)
+
+
+@pytest.mark.slow
+def test_an_encoder_decoder_summarizes_emails_with_rouge_and_a_lead_baseline(summarize_run,
+                                                                              tmp_path):
+    run = summarize_run
+    assert "/summarize/runs/" in str(run)
+    for name in ("val/rouge1", "val/rouge2", "val/rougeL", "val/rouge1_ann", "val/rougeL_ann",
+                 "val/rouge1_best"):
+        assert metrics_column(run, name), name
+    assert "val_full/rouge2_ann" in json.loads((run / "results.json").read_text())
+    config = json.loads((run / "model_config.json").read_text())
+    assert config["architecture"] == "encoder_decoder" and config["n_encoder_layer"] == 1
+    out = run_entry("evaluate.py", f"run={run}", "trainer.limit_val_batches=1", "beam_size=3")
+    for row in ("model vs target", "model vs annotations (best)", "vs target",
+                "vs annotations", "target vs annotations", "beam 3", "Porter stemmer"):
+        assert row in out, row
+    report = json.loads(next(run.glob("evaluation-best-*-test.json")).read_text())
+    assert len(report["hypotheses"]) == 8 and "test/rouge1_ann" in report
+    assert any(name.startswith("lead-") for name in report["reference_points"])
+    email = "Please find attached the gas prices for May. Call me if you have questions."
+    out = run_entry("generate.py", f"run={run}", f"text={email}")
+    assert "error" not in out
+    (tmp_path / "in.txt").write_text(email + "\nThe meeting moved to Tuesday at 3 pm.\n")
+    out = run_entry("generate.py", f"run={run}", f"input_file={tmp_path / 'in.txt'}",
+                    f"output_file={tmp_path / 'out.txt'}")
     assert len((tmp_path / "out.txt").read_text().split("\n")) == 3 and "2 lines" in out
 
 

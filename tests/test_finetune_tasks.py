@@ -14,7 +14,6 @@ from gptlab.data.examples import LabeledFiles
 from gptlab.data.finetune import ClassificationDataModule, pad
 from gptlab.data.tokenizers import EOS_TOKEN, SEP_TOKEN, train_tokenizer
 from gptlab.errors import UserError
-from gptlab.models.beam import beam_search
 from gptlab.models.gpt import GPT, GPTConfig
 from gptlab.tasks.classification import ClassificationTask
 from gptlab.tasks.seq2seq import Seq2SeqTask
@@ -179,11 +178,3 @@ def test_bleu_of_a_perfect_hypothesis_is_100_and_of_a_wrong_one_0():
     bleu = SacreBLEUScore(tokenize="13a")
     assert 100 * bleu(references, [[r] for r in references]).item() == pytest.approx(100.0)
     assert bleu(["Katze"] * 2, [[r] for r in references]).item() == 0.0
-
-
-def test_beam_of_one_is_greedy_decoding():
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(**config())).eval()
-    prompts = [TOKENIZER.encode("abc"), TOKENIZER.encode("xyz ab")]
-    greedy = model.generate(prompts, 12, temperature=0.0, stop_token=TOKENIZER.eos_id)
-    assert beam_search(model, prompts, 12, 1, TOKENIZER.eos_id) == greedy

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from gptlab.errors import UserError
 from gptlab.models import GPT, GPTConfig
-from gptlab.models.gpt import CausalSelfAttention, reference_attention
+from gptlab.models.gpt import SelfAttention, reference_attention
 
 TINY = dict(vocab_size=17, block_size=16, n_layer=2, n_head=2, n_embd=16)
 VARIANTS = [
@@ -46,7 +46,7 @@ def test_future_tokens_do_not_change_past_logits(variant):
         assert not torch.allclose(new_logits[:, t + 1], logits[:, t + 1])
 
 
-def _heads(attn: CausalSelfAttention, x: torch.Tensor):
+def _heads(attn: SelfAttention, x: torch.Tensor):
     B, T, C = x.shape
     return [
         z.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2)
@@ -56,7 +56,7 @@ def _heads(attn: CausalSelfAttention, x: torch.Tensor):
 
 def test_sdpa_attention_matches_reference():
     torch.manual_seed(0)
-    attn = CausalSelfAttention(GPTConfig(**TINY, dropout=0.0)).train()  # dropout 0 in training
+    attn = SelfAttention(GPTConfig(**TINY, dropout=0.0)).train()  # dropout 0 in training
     x = torch.randn(3, 10, 16)
     q, k, v = _heads(attn, x)
     expected = attn.c_proj(reference_attention(q, k, v).transpose(1, 2).reshape(3, 10, 16))
@@ -65,7 +65,7 @@ def test_sdpa_attention_matches_reference():
 
 def test_masked_attention_matches_reference():
     torch.manual_seed(0)
-    attn = CausalSelfAttention(GPTConfig(**TINY)).eval()
+    attn = SelfAttention(GPTConfig(**TINY)).eval()
     x = torch.randn(2, 6, 16)
     padding = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
     mask = GPT._attention_mask(padding, T=6, past=0, device=x.device)

@@ -26,7 +26,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from gptlab.data.tokenizers import Tokenizer
 from gptlab.errors import UserError
-from gptlab.models.gpt import GPT, GPTConfig
+from gptlab.models import build_model
+from gptlab.models.gpt import GPTConfig
 from gptlab.utils.files import save_atomic
 
 if TYPE_CHECKING:
@@ -115,14 +116,14 @@ class Checkpoint:
         return _with_local_paths(config, local_paths)
 
     def weights(self) -> dict[str, torch.Tensor]:
-        """The GPT's state dict (the task module keeps the model under `model.`)."""
+        """The model's state dict (the task module keeps the model under `model.`)."""
         prefix = "model."
         return {k[len(prefix):]: v for k, v in self.contents["state_dict"].items()
                 if k.startswith(prefix)}
 
-    def model(self) -> GPT:
-        """The GPT with this checkpoint's weights, in eval mode."""
-        model = GPT(GPTConfig(**self.artifacts["model_config"]))
+    def model(self) -> torch.nn.Module:
+        """The model (GPT or EncoderDecoder) with this checkpoint's weights, in eval mode."""
+        model = build_model(GPTConfig(**self.artifacts["model_config"]))
         model.load_state_dict(self.weights())
         return model.eval()
 

@@ -35,7 +35,7 @@ from gptlab.checkpoints import (
     load_pretrained,
 )
 from gptlab.data.sources import read_text
-from gptlab.data.tokenizers import KINDS, from_spec
+from gptlab.data.tokenizers import KINDS, Tokenizer, from_spec
 from gptlab.errors import UserError
 from gptlab.pretrain_once import pretrain_once
 from gptlab.resume import (

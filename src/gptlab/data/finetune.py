@@ -69,10 +69,15 @@ def with_eos(rows: list[list[int]], block_size: int, eos: int) -> list[list[int]
     return [ids[: block_size - 1] + [eos] for ids in rows]
 
 
-def encode_sources(tokenizer: Tokenizer, texts: list[str], block_size: int) -> list[list[int]]:
-    """Prompts for text-to-text: source tokens then <|sep|>, at most half the context."""
+def source_limit(max_source_tokens: int | None, block_size: int) -> int:
+    """The longest text-to-text prompt (source + <|sep|>): by default half the context."""
+    return max_source_tokens or block_size // 2
+
+
+def encode_sources(tokenizer: Tokenizer, texts: list[str], max_tokens: int) -> list[list[int]]:
+    """Prompts for text-to-text: source tokens (cut to fit) then <|sep|>, max_tokens in all."""
     sep = separator_id(tokenizer)
-    return [ids[: block_size // 2 - 1] + [sep] for ids in tokenizer.encode_batch(texts)]
+    return [ids[: max_tokens - 1] + [sep] for ids in tokenizer.encode_batch(texts)]
 
 
 def pad(rows: list[list[int]], value: int = PAD_ID) -> torch.Tensor:
@@ -295,24 +300,40 @@ class ClassificationDataModule(FinetuneDataModule):
 
 
 class Seq2SeqDataModule(FinetuneDataModule):
-    """(source, target) pairs, trained as one sequence with the loss on the target side."""
+    """(source, target) pairs, trained as one sequence with the loss on the target side.
+
+    A source is cut to `max_source_tokens` (with its <|sep|>; default half the context) and
+    the whole row to block_size + 1 tokens, whichever the model's architecture.
+    """
+
+    def __init__(self, *args, max_source_tokens: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if max_source_tokens is not None and not 2 <= max_source_tokens < self.block_size:
+            raise UserError(f"data.max_source_tokens={max_source_tokens} must leave room for "
+                            f"a target: between 2 and block_size - 1 = {self.block_size - 1} "
+                            f"(or null for half the context)")
+        self.max_source_tokens = max_source_tokens
+
+    def task_arguments(self) -> dict:
+        return {"max_source_tokens": self.max_source_tokens}
 
     def tokenizer_texts(self) -> list[str]:
         return [text for pair in self.examples("train") for text in pair]
 
     def encode(self, split: str) -> list[dict]:
         examples = self.examples(split)
-        sources = encode_sources(self.tokenizer, [s for s, _ in examples], self.block_size)
+        sources = encode_sources(self.tokenizer, [s for s, _ in examples],
+                                 source_limit(self.max_source_tokens, self.block_size))
         targets = self.tokenizer.encode_batch([t for _, t in examples])
         eos, rows, cut = eos_id(self.tokenizer), [], 0
-        for i, (source, target, (_, reference)) in enumerate(
+        for i, (source, target, (text, reference)) in enumerate(
                 zip(sources, targets, examples, strict=True)):
             sequence = source + target + [eos]
             cut += len(sequence) > self.block_size + 1
             sequence = sequence[: self.block_size + 1]
             rows.append({"input_ids": sequence[:-1], "sequence": sequence,
-                         "source_len": len(source), "prompt": source, "reference": reference,
-                         "index": i})
+                         "source_len": len(source), "prompt": source, "source": text,
+                         "reference": reference, "index": i})
         if cut:
             log.warning("%d of %d %s examples of '%s' were cut to block_size=%d tokens",
                         cut, len(rows), split, self.name, self.block_size)
@@ -329,7 +350,9 @@ class Seq2SeqDataModule(FinetuneDataModule):
             "targets": targets,
             # Position t predicts token t+1: target tokens are predicted from source_len - 1 on.
             "target_mask": (position >= source_len - 1) & (targets != IGNORE_INDEX),
+            "source_lens": source_len[:, 0],
             "prompts": [r["prompt"] for r in rows],
+            "sources": [r["source"] for r in rows],
             "references": [r["reference"] for r in rows],
             "indices": [r["index"] for r in rows],
         }

@@ -117,6 +117,80 @@ KNOWN_FILES: dict[str, RemoteFile] = {
 }
 
 
+@dataclass(frozen=True)
+class RemoteFolder:
+    """A folder of many files inside a .zip archive, such as a folder of a repository snapshot.
+
+    It is pinned by `folder_digest` of its files, not by the archive's bytes, which hosts such
+    as GitHub do not promise to keep stable; `member` is the folder's path inside the archive.
+    A mirror holds the folder at `relpath`.
+    """
+
+    relpath: str
+    url: str
+    digest: str
+    member: str
+
+
+def folder_digest(folder: Path) -> str:
+    """sha256 over `sha256sum`-style lines ("<sha256>  <path>") of every file, sorted by path."""
+    lines = sorted(f"{sha256_of(p)}  {p.relative_to(folder).as_posix()}\n"
+                   for p in folder.rglob("*") if p.is_file())
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+def locate_folder(folder: RemoteFolder, download_dir: Path | None = None) -> Path:
+    """A local copy of the folder: the mirror's, an earlier download, or a new download."""
+    mirror = os.environ.get(MIRROR_ENV)
+    if mirror and (Path(mirror) / folder.relpath).is_dir():
+        candidate = Path(mirror) / folder.relpath
+        actual = folder_digest(candidate)
+        if actual != folder.digest:
+            raise UserError(
+                f"mirror copy {candidate} has digest {actual}, expected {folder.digest}; "
+                f"replace it with {folder.member} of {folder.url} or unset {MIRROR_ENV}"
+            )
+        return candidate
+    target = Path(download_dir or DEFAULT_DOWNLOAD_DIR) / folder.relpath
+    if target.is_dir() and folder_digest(target) == folder.digest:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as tmp:
+        raw, extracted = Path(tmp) / "raw.zip", Path(tmp) / "extracted"
+        _fetch(folder, raw)
+        _extract_folder(folder, raw, extracted)
+        actual = folder_digest(extracted)
+        if actual != folder.digest:
+            raise UserError(
+                f"download of {folder.relpath} from {folder.url} has digest {actual}, expected "
+                f"{folder.digest}; retry, or set {MIRROR_ENV} to a folder with {folder.relpath}"
+            )
+        if target.exists():
+            shutil.rmtree(target)  # a damaged earlier download
+        os.replace(extracted, target)
+    return target
+
+
+def _extract_folder(folder: RemoteFolder, raw: Path, dest: Path) -> None:
+    try:
+        with zipfile.ZipFile(raw) as archive:
+            for info in archive.infolist():
+                name = info.filename
+                if info.is_dir() or not name.startswith(folder.member):
+                    continue
+                relative = Path(name[len(folder.member):])
+                if relative.is_absolute() or ".." in relative.parts:
+                    continue  # never write outside dest
+                (dest / relative).parent.mkdir(parents=True, exist_ok=True)
+                with archive.open(info) as src:
+                    _copy(src, dest / relative)
+    except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+        raise UserError(
+            f"download of {folder.relpath} from {folder.url} is not a readable archive "
+            f"({_reason(exc)}); retry, or set {MIRROR_ENV} to a folder with {folder.relpath}"
+        ) from exc
+
+
 def locate(
     file: RemoteFile, path: str | Path | None = None, download_dir: Path | None = None
 ) -> Path:
@@ -316,7 +390,7 @@ def _download(file: RemoteFile, target: Path) -> None:
         os.replace(extracted, target)
 
 
-def _fetch(file: RemoteFile, dest: Path) -> None:
+def _fetch(file: RemoteFile | RemoteFolder, dest: Path) -> None:
     if os.environ.get(OFFLINE_ENV, "") not in ("", "0"):
         raise UserError(
             f"{file.relpath} is not available offline ({OFFLINE_ENV} is set, so {file.url} "

@@ -1,14 +1,16 @@
-"""A GPT-style decoder-only language model in one file, after Karpathy's nanoGPT.
+"""A GPT-style decoder-only language model, after Karpathy's nanoGPT, and the blocks it is made of.
 
-The building blocks (norms, rotary embedding, attention, MLP, block, KV cache) are separate
-modules configured by `GPTConfig`, so other architectures can reuse them without going through
-`GPT`. The no-cache, no-mask training path is kept as lean as nanoGPT's because it is what every
-training step runs.
+The building blocks (norms, rotary embedding, self- and cross-attention, MLP, block, KV cache,
+and `Transformer`: embeddings + blocks + final norm) are configured by `GPTConfig`, so the
+encoder-decoder (models/encoder_decoder.py) is built from the same modules rather than copies.
+The no-cache, no-mask training path is kept as lean as nanoGPT's because it is what every
+training step runs. Generation (greedy, sampling, beam search) lives in models/generation.py.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +18,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gptlab.errors import UserError
+from gptlab.models.generation import DecodingState, LogitsProcessor, generate
 
+ARCHITECTURES = ("decoder_only", "encoder_decoder")
 POS_EMBS = ("learned", "rope")
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "gelu_tanh", "swiglu")
@@ -43,9 +47,14 @@ class GPTConfig:
     mlp_hidden: int | None = None
     rope_base: float = 10000.0
     tie_weights: bool = True
+    # "encoder_decoder": the Transformer of Vaswani et al. (2017), see models/encoder_decoder.py.
+    architecture: str = "decoder_only"
+    n_encoder_layer: int | None = None  # encoder depth; None: n_layer (encoder_decoder only)
+    share_embeddings: bool = True  # one token table for source and target (encoder_decoder only)
 
     def __post_init__(self) -> None:
-        for name, allowed in (("pos_emb", POS_EMBS), ("norm", NORMS), ("mlp", MLPS)):
+        for name, allowed in (("architecture", ARCHITECTURES), ("pos_emb", POS_EMBS),
+                              ("norm", NORMS), ("mlp", MLPS)):
             value = getattr(self, name)
             if value not in allowed:
                 raise UserError(
@@ -56,6 +65,11 @@ class GPTConfig:
                 raise UserError(
                     f"model config: {name}={getattr(self, name)} must be a positive integer"
                 )
+        if self.n_encoder_layer is not None and self.n_encoder_layer < 1:
+            raise UserError(
+                f"model config: n_encoder_layer={self.n_encoder_layer} must be a positive "
+                "integer, or null for n_layer"
+            )
         if self.mlp_hidden is not None and self.mlp_hidden < 1:
             raise UserError(
                 f"model config: mlp_hidden={self.mlp_hidden} must be positive, or null for "
@@ -89,6 +103,10 @@ class GPTConfig:
     @property
     def norm_epsilon(self) -> float:
         return NORM_EPS[self.norm] if self.norm_eps is None else self.norm_eps
+
+    @property
+    def encoder_layers(self) -> int:
+        return self.n_layer if self.n_encoder_layer is None else self.n_encoder_layer
 
     @property
     def mlp_width(self) -> int:
@@ -181,6 +199,10 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
         self.max_len = max_len
         self.length = 0
+        # Whole buffers behind k and v (which may use only their first rows), and a second
+        # set that `reorder` copies into.
+        self._bases = self.k + self.v
+        self._spare: list[torch.Tensor] | None = None
 
     def update(
         self, layer_idx: int, k: torch.Tensor, v: torch.Tensor
@@ -193,6 +215,24 @@ class KVCache:
 
     def advance(self, n: int) -> None:
         self.length += n
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep these batch rows, in this order (beam search; rows that finished are dropped).
+
+        The filled part of every buffer is gathered into a second set of buffers, which then
+        swaps with the first: beam search reorders at every step, and taking fresh memory each
+        time (page faults) would cost several times the copy itself. The spare set is sized
+        for the largest batch seen, so dropping rows needs no new memory either.
+        """
+        n, live = len(rows), self.k + self.v
+        if self._spare is None or self._spare[0].size(0) < n:
+            self._spare = [t.new_empty((n, *t.shape[1:])) for t in live]
+        kept = [spare[:n] for spare in self._spare]
+        for source, target in zip(live, kept, strict=True):
+            torch.index_select(source[:, :, : self.length], 0, rows,
+                               out=target[:, :, : self.length])
+        self._bases, self._spare = self._spare, self._bases
+        self.k, self.v = kept[: len(self.k)], kept[len(self.k) :]
 
 
 def reference_attention(
@@ -209,10 +249,25 @@ def reference_attention(
     return F.softmax(scores, dim=-1) @ v
 
 
-class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig, layer_idx: int = 0) -> None:
+def split_heads(x: torch.Tensor, n_head: int) -> torch.Tensor:
+    """(B, T, C) -> (B, n_head, T, C / n_head)."""
+    B, T, C = x.size()
+    return x.view(B, T, n_head, C // n_head).transpose(1, 2)
+
+
+def merge_heads(y: torch.Tensor) -> torch.Tensor:
+    """(B, n_head, T, head_dim) -> (B, T, n_head * head_dim)."""
+    B, H, T, D = y.size()
+    return y.transpose(1, 2).contiguous().view(B, T, H * D)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention: causal in a decoder, bidirectional in an encoder."""
+
+    def __init__(self, config: GPTConfig, layer_idx: int = 0, causal: bool = True) -> None:
         super().__init__()
         self.layer_idx = layer_idx  # which KVCache slot this layer owns
+        self.causal = causal
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.dropout = config.dropout
@@ -232,14 +287,11 @@ class CausalSelfAttention(nn.Module):
         """x (B, T, C) -> (B, T, C).
 
         mask: boolean (B or 1, 1, T, S), True where a query may attend to a key. None means
-        plain causal attention, which is only right when there is no past or T == 1 (a single
-        new query sees every cached key); GPT.forward builds a mask otherwise.
+        plain causal attention (or full attention when not causal), which for a causal layer
+        is only right when there is no past or T == 1 (a single new query sees every cached
+        key); Transformer.hidden builds a mask otherwise.
         """
-        B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        q, k, v = (split_heads(z, self.n_head) for z in self.c_attn(x).split(self.n_embd, dim=2))
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if kv_cache is not None:
@@ -251,10 +303,51 @@ class CausalSelfAttention(nn.Module):
             attn_mask=mask,
             dropout_p=self.dropout if self.training else 0.0,
             # Without a mask, the is_causal flag lets SDPA pick its fused kernels.
-            is_causal=mask is None and T > 1,
+            is_causal=self.causal and mask is None and x.size(1) > 1,
         )
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+        return self.resid_dropout(self.c_proj(merge_heads(y)))
+
+
+class CrossAttention(nn.Module):
+    """Decoder queries against the encoder's output ("encoder-decoder attention").
+
+    The keys and values depend only on the source, so `keys_values` computes them once per
+    source and decoding reuses them at every step. No positions enter here (the encoder has
+    already placed its tokens) and no causal mask: every target position sees the whole
+    source, except its padding.
+    """
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+        self.c_q = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_kv = nn.Linear(config.n_embd, 2 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = make_dropout(config)
+
+    def keys_values(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder output (P, S, C) -> keys and values (P, n_head, S, head_dim)."""
+        k, v = self.c_kv(memory).split(self.n_embd, dim=2)
+        return split_heads(k, self.n_head), split_heads(v, self.n_head)
+
+    def forward(
+        self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """x (R, T, C) against the keys/values of P sources, R = P * g (g rows per source).
+
+        The g rows of one source (its beams) are consecutive; since queries do not interact,
+        they are read as one row of g * T queries, so the keys and values are never copied
+        per beam. mask: (P, 1, 1, S), True at real source tokens; None when nothing is padded.
+        """
+        R, T, C = x.size()
+        P = k.size(0)
+        q = split_heads(self.c_q(x).reshape(P, R // P * T, C), self.n_head)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.resid_dropout(self.c_proj(merge_heads(y).reshape(R, T, C)))
 
 
 class MLP(nn.Module):
@@ -284,15 +377,39 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(h))
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block: the residual stream itself is never normalised."""
+@dataclass
+class Memory:
+    """What a decoder's cross-attention reads: the encoder output's keys and values per layer.
 
-    def __init__(self, config: GPTConfig, layer_idx: int = 0) -> None:
+    mask (P, 1, 1, S) is True at real source tokens (None: no padding).
+    """
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    mask: torch.Tensor | None
+
+    def select(self, sources: torch.Tensor) -> Memory:
+        """The memory of these sources only, in this order."""
+        return Memory([(k[sources], v[sources]) for k, v in self.kv],
+                      None if self.mask is None else self.mask[sources])
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: the residual stream itself is never normalised.
+
+    A decoder block of an encoder-decoder adds cross-attention between self-attention and MLP.
+    """
+
+    def __init__(
+        self, config: GPTConfig, layer_idx: int = 0, *, causal: bool = True,
+        cross_attention: bool = False,
+    ) -> None:
         super().__init__()
         self.ln_1 = make_norm(config)
-        self.attn = CausalSelfAttention(config, layer_idx)
+        self.attn = SelfAttention(config, layer_idx, causal)
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
+        self.ln_cross = make_norm(config) if cross_attention else None
+        self.cross_attn = CrossAttention(config) if cross_attention else None
 
     def forward(
         self,
@@ -301,16 +418,49 @@ class Block(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         mask: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
+        cross: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
     ) -> torch.Tensor:
+        """cross: this layer's (keys, values, mask) of the encoder output, for a decoder block."""
         x = x + self.attn(self.ln_1(x), rope=rope, mask=mask, kv_cache=kv_cache)
+        if cross is not None:
+            x = x + self.cross_attn(self.ln_cross(x), *cross)
         return x + self.mlp(self.ln_2(x))
 
 
-class GPT(nn.Module):
-    def __init__(self, config: GPTConfig) -> None:
+def init_weights(model: nn.Module, residual_writes: int) -> None:
+    """GPT-2's initialisation: N(0, 0.02) everywhere, and the projections that write into the
+    residual stream scaled by 1/sqrt(their number), so its variance does not grow with depth."""
+    model.apply(_init_module)
+    for name, p in model.named_parameters():
+        if name.endswith("c_proj.weight"):
+            nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(residual_writes))
+
+
+def _init_module(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+
+class Transformer(nn.Module):
+    """Token embedding, positions, a stack of blocks and the final norm: the body of a GPT, and
+    of each half of an encoder-decoder.
+
+    causal=False makes an encoder (every token sees the whole input); cross_attention=True a
+    decoder that also reads an encoder's output. `wte` passes in a token table to share.
+    """
+
+    def __init__(
+        self, config: GPTConfig, n_layer: int | None = None, *, causal: bool = True,
+        cross_attention: bool = False, wte: nn.Embedding | None = None,
+    ) -> None:
         super().__init__()
         self.config = config
-        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.causal = causal
+        self.wte = wte if wte is not None else nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = (
             nn.Embedding(config.block_size, config.n_embd) if config.pos_emb == "learned" else None
         )
@@ -320,28 +470,95 @@ class GPT(nn.Module):
             else None
         )
         self.drop = make_dropout(config)
-        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        n_layer = config.n_layer if n_layer is None else n_layer
+        self.blocks = nn.ModuleList(
+            Block(config, i, causal=causal, cross_attention=cross_attention)
+            for i in range(n_layer)
+        )
         self.ln_f = make_norm(config)
+
+    def hidden(
+        self,
+        idx: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        memory: Memory | None = None,
+    ) -> torch.Tensor:
+        """Token ids (B, T) -> final-norm hidden states (B, T, C).
+
+        attention_mask (B, past + T): True/1 for real tokens, False/0 for padding keys.
+        position_ids (B, T): per-row positions, for left-padded batches; default counts on
+        from the cache length. kv_cache: idx holds only the new tokens, which are appended.
+        memory: the encoder output that a decoder's cross-attention reads.
+        """
+        if idx.size(1) > self.config.block_size:
+            raise UserError(
+                f"input has {idx.size(1)} tokens but the model's block_size is "
+                f"{self.config.block_size}; crop the input or train with a larger block_size"
+            )
+        T = idx.size(1)
+        past = 0 if kv_cache is None else kv_cache.length
+        if kv_cache is not None and past + T > kv_cache.max_len:
+            raise UserError(
+                f"KV cache holds {past} tokens and cannot take {T} more (max_len "
+                f"{kv_cache.max_len}); start a new cache or crop the input"
+            )
+
+        x = self.wte(idx)
+        if self.wpe is not None:
+            if position_ids is None:
+                position_ids = torch.arange(past, past + T, device=idx.device)
+            x = x + self.wpe(position_ids)
+        rope = None if self.rope is None else self.rope(T, offset=past, position_ids=position_ids)
+        x = self.drop(x)
+
+        mask = None
+        if not self.causal:
+            if attention_mask is not None:
+                mask = attention_mask.bool()[:, None, None, :]
+        elif attention_mask is not None or (past > 0 and T > 1):
+            mask = self._attention_mask(attention_mask, T, past, idx.device)
+        for i, block in enumerate(self.blocks):
+            cross = None if memory is None else (*memory.kv[i], memory.mask)
+            x = block(x, rope=rope, mask=mask, kv_cache=kv_cache, cross=cross)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        return self.ln_f(x)
+
+    @staticmethod
+    def _attention_mask(
+        attention_mask: torch.Tensor | None, T: int, past: int, device: torch.device
+    ) -> torch.Tensor:
+        """Causal mask over past + T keys, minus padding keys, as (B or 1, 1, T, past + T)."""
+        q_pos = torch.arange(past, past + T, device=device)[:, None]
+        k_pos = torch.arange(past + T, device=device)[None, :]
+        mask = k_pos <= q_pos
+        if attention_mask is not None:
+            # A padding query would see no key at all and produce NaNs that leak through
+            # 0 * NaN in later layers' attention; letting it see itself keeps it finite.
+            mask = (mask & attention_mask.bool()[:, None, None, :]) | (k_pos == q_pos)
+        return mask if mask.dim() == 4 else mask[None, None]
+
+    def new_cache(self, batch_size: int) -> KVCache:
+        """An empty KV cache for this stack's self-attention, holding up to block_size tokens."""
+        return KVCache(
+            len(self.blocks), batch_size, self.config.n_head, self.config.block_size,
+            self.config.head_dim, device=self.wte.weight.device, dtype=self.wte.weight.dtype,
+        )
+
+
+class GPT(Transformer):
+    """The decoder-only language model: a causal Transformer plus the output layer."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_weights:
             # Input and output token representations share one matrix (Press & Wolf 2017).
             self.lm_head.weight = self.wte.weight
-
-        self.apply(self._init_weights)
-        # GPT-2: scale the projections that write into the residual stream so its variance
-        # does not grow with depth (2 writes per layer).
-        for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        init_weights(self, residual_writes=2 * config.n_layer)  # attention and MLP per layer
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; non_embedding follows nanoGPT and drops the position table.
@@ -378,56 +595,22 @@ class GPT(nn.Module):
     ) -> torch.Tensor:
         """Token ids (B, T) -> logits (B, T, vocab), or final-norm hidden states (B, T, C).
 
-        attention_mask (B, past + T): True/1 for real tokens, False/0 for padding keys.
-        position_ids (B, T): per-row positions, for left-padded batches; default counts on
-        from the cache length. kv_cache: idx holds only the new tokens, which are appended.
+        The arguments are those of `Transformer.hidden`.
         """
-        if idx.size(1) > self.config.block_size:
-            raise UserError(
-                f"input has {idx.size(1)} tokens but the model's block_size is "
-                f"{self.config.block_size}; crop the input or train with a larger block_size"
-            )
-        T = idx.size(1)
-        past = 0 if kv_cache is None else kv_cache.length
-        if kv_cache is not None and past + T > kv_cache.max_len:
-            raise UserError(
-                f"KV cache holds {past} tokens and cannot take {T} more (max_len "
-                f"{kv_cache.max_len}); start a new cache or crop the input"
-            )
-
-        x = self.wte(idx)
-        if self.wpe is not None:
-            if position_ids is None:
-                position_ids = torch.arange(past, past + T, device=idx.device)
-            x = x + self.wpe(position_ids)
-        rope = None if self.rope is None else self.rope(T, offset=past, position_ids=position_ids)
-        x = self.drop(x)
-
-        mask = None
-        if attention_mask is not None or (past > 0 and T > 1):
-            mask = self._attention_mask(attention_mask, T, past, idx.device)
-        for block in self.blocks:
-            x = block(x, rope=rope, mask=mask, kv_cache=kv_cache)
-        if kv_cache is not None:
-            kv_cache.advance(T)
-        x = self.ln_f(x)
+        x = self.hidden(idx, attention_mask=attention_mask, position_ids=position_ids,
+                        kv_cache=kv_cache)
         return x if return_hidden else self.lm_head(x)
 
-    @staticmethod
-    def _attention_mask(
-        attention_mask: torch.Tensor | None, T: int, past: int, device: torch.device
-    ) -> torch.Tensor:
-        """Causal mask over past + T keys, minus padding keys, as (B or 1, 1, T, past + T)."""
-        q_pos = torch.arange(past, past + T, device=device)[:, None]
-        k_pos = torch.arange(past + T, device=device)[None, :]
-        mask = k_pos <= q_pos
-        if attention_mask is not None:
-            # A padding query would see no key at all and produce NaNs that leak through
-            # 0 * NaN in later layers' attention; letting it see itself keeps it finite.
-            mask = (mask & attention_mask.bool()[:, None, None, :]) | (k_pos == q_pos)
-        return mask if mask.dim() == 4 else mask[None, None]
+    def start_decoding(
+        self, prompts: list[list[int]], sources: list[list[int]] | None = None,
+        use_cache: bool = True,
+    ) -> DecodingState:
+        """The decoding state of `models.generation.generate` for these prompts."""
+        if sources is not None:
+            raise UserError("a decoder-only model reads one sequence: put the source in the "
+                            "prompt (source <|sep|>) instead of passing sources")
+        return DecodingState(self, self.lm_head, prompts, use_cache=use_cache)
 
-    @torch.no_grad()
     def generate(
         self,
         prompts: list[list[int]],
@@ -439,123 +622,19 @@ class GPT(nn.Module):
         stop_token: int | None = None,
         use_cache: bool = True,
         generator: torch.Generator | None = None,
+        beam_size: int = 1,
+        length_penalty: float = 1.0,
+        processors: Sequence[LogitsProcessor] = (),
     ) -> list[list[int]]:
         """Continue each prompt by up to max_new_tokens; return only the new tokens per row.
 
-        Prompts may differ in length: they are left-padded, with padding masked out and
-        positions counted per row, so each row gets what it would get alone. temperature 0 is
-        greedy. A row that emits stop_token ends there, the stop token included in its output
-        (so callers can tell it from a row that ran out of budget). The model sees at most the
-        last block_size tokens; the KV cache is used while the whole sequence fits and dropped
-        for a full forward over the last block_size tokens after, so use_cache never changes the
-        result.
+        See `models.generation.generate`: prompts may differ in length (each row gets what it
+        would get alone), temperature 0 is greedy, beam_size > 1 is beam search, a row that
+        emits stop_token ends there with the stop token kept, and use_cache never changes
+        the result.
         """
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise UserError("generate: every prompt needs at least one token")
-        if temperature < 0:
-            raise UserError(f"generate: temperature={temperature} must be >= 0 (0 is greedy)")
-        if top_k is not None and top_k < 1:
-            raise UserError(f"generate: top_k={top_k} must be >= 1, or None for no top-k")
-        if top_p is not None and not 0.0 < top_p <= 1.0:
-            raise UserError(f"generate: top_p={top_p} must be in (0, 1], or None for no top-p")
-
-        was_training = self.training
-        self.eval()
-        try:
-            return self._generate(
-                prompts, max_new_tokens, temperature, top_k, top_p, stop_token, use_cache, generator
-            )
-        finally:
-            self.train(was_training)
-
-    def _generate(
-        self,
-        prompts: list[list[int]],
-        max_new_tokens: int,
-        temperature: float,
-        top_k: int | None,
-        top_p: float | None,
-        stop_token: int | None,
-        use_cache: bool,
-        generator: torch.Generator | None,
-    ) -> list[list[int]]:
-        device = self.wte.weight.device
-        block_size = self.config.block_size
-        B, L = len(prompts), max(len(p) for p in prompts)
-        idx = torch.zeros(B, L, dtype=torch.long, device=device)
-        real = torch.zeros(B, L, dtype=torch.bool, device=device)
-        for i, p in enumerate(prompts):
-            idx[i, L - len(p) :] = torch.tensor(p, dtype=torch.long, device=device)
-            real[i, L - len(p) :] = True
-        # Equal-length prompts need no mask, which keeps SDPA on its fast path.
-        padded = min(len(p) for p in prompts) != L
-
-        out: list[list[int]] = [[] for _ in range(B)]
-        done = [False] * B
-        cache = None
-        for _ in range(max_new_tokens):
-            if use_cache and idx.size(1) <= block_size:
-                if cache is None:
-                    cache = KVCache(
-                        self.config.n_layer,
-                        B,
-                        self.config.n_head,
-                        block_size,
-                        self.config.head_dim,
-                        device=device,
-                        dtype=self.wte.weight.dtype,
-                    )
-                new = idx.size(1) - cache.length
-                feed, mask = idx[:, -new:], real
-            else:
-                # The window slides from here on, so keys cached at old positions are stale.
-                feed, mask = idx[:, -block_size:], real[:, -block_size:]
-                cache = None
-            positions = None
-            if padded:
-                # Position 0 is each row's first real token, as if it had never been padded.
-                positions = (mask.long().cumsum(1) - 1).clamp(min=0)[:, -feed.size(1) :]
-            hidden = self(
-                feed,
-                attention_mask=mask if padded else None,
-                position_ids=positions,
-                kv_cache=cache,
-                return_hidden=True,
-            )
-            logits = self.lm_head(hidden[:, -1, :])
-            next_token = sample(logits, temperature, top_k, top_p, generator)
-
-            for i, t in enumerate(next_token.tolist()):
-                if not done[i]:
-                    out[i].append(t)
-                    done[i] = t == stop_token
-            if all(done):
-                break
-            idx = torch.cat((idx, next_token[:, None]), dim=1)
-            real = torch.cat((real, torch.ones(B, 1, dtype=torch.bool, device=device)), dim=1)
-        return out
-
-
-def sample(
-    logits: torch.Tensor,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Pick one token id per row of logits (B, vocab); temperature 0 means argmax."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = F.softmax(sorted_logits, dim=-1)
-        # Drop a token once the more likely ones already reach top_p; the top one always stays.
-        drop = probs.cumsum(dim=-1) - probs >= top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+        return generate(
+            self, prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            stop_token=stop_token, use_cache=use_cache, generator=generator,
+            beam_size=beam_size, length_penalty=length_penalty, processors=processors,
+        )

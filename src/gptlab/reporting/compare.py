@@ -1,7 +1,7 @@
 """Compare training runs locally, without W&B.
 
     python -m gptlab.reporting.compare <sweep folder or run folders ...> [--out FOLDER]
-        [--versus KEY [--fit]]
+        [--versus KEY [--fit]] [--curves METRIC ...]
 
 Every multirun ends with this comparison in its sweep folder (hydra.callbacks.compare).
 
@@ -10,10 +10,12 @@ Every multirun ends with this comparison in its sweep folder (hydra.callbacks.co
   pretraining, val/acc for classification, val/bleu for text-to-text): its best and final
   value during training, and the whole-split scores of the best checkpoint (val_full/*) and
   of the last weights (val_last/*); a `reference` column when the runs' configs carry a
-  published figure.
+  published figure; and the figures of the runs' evaluate.py reports (evaluation-*.json, e.g.
+  test/bleu), the newest report winning where two give the same figure.
 - comparison_by_setting.md / .csv, when runs repeat a setting with other seeds: mean and
   standard deviation over the seeds.
-- val_curves.png: the validation curves against step, tokens and wall time.
+- val_curves.png: the validation curves against step, tokens and wall time; with --curves,
+  also <metric>_curves.png for each further metric (e.g. val/chrf).
 - with --versus KEY (an override such as task.transfer_layers, or params, or tokens): the
   final whole-split metric against it, <metric>_vs_<KEY>.png; with --fit, a power law
   y = a * x^-alpha + c fitted over the points, on a log x axis (scaling laws).
@@ -39,7 +41,7 @@ import torch
 import yaml
 
 from gptlab.errors import UserError
-from gptlab.models.gpt import GPT, GPTConfig
+from gptlab.models import GPTConfig, build_model
 
 RUN_COLUMNS = ["run", "params", "steps", "tokens", "wall_s"]
 CURVE_AXES = [("step", "optimizer steps", "linear"), ("val/tokens", "tokens seen", "log"),
@@ -54,6 +56,7 @@ class Run:
     metrics: list[dict[str, float]]
     params: int | None
     config: dict = field(default_factory=dict)
+    evaluation: dict[str, float] = field(default_factory=dict)  # evaluate.py's figures
 
     @property
     def metric(self) -> str:
@@ -125,7 +128,16 @@ def load_run(folder: Path) -> Run:
                 for row in csv.DictReader(f)]
     overrides = _yaml(folder / ".hydra" / "overrides.yaml") or []
     config = _yaml(folder / ".hydra" / "config.yaml") or {}
-    return Run(folder, overrides, rows, count_params(folder), config)
+    return Run(folder, overrides, rows, count_params(folder), config, evaluations(folder))
+
+
+def evaluations(folder: Path) -> dict[str, float]:
+    """The figures (e.g. test/bleu) of the run's evaluate.py reports, newest last."""
+    figures = {}
+    for report in sorted(folder.glob("evaluation-*.json"), key=lambda p: p.stat().st_mtime):
+        figures |= {name: value for name, value in json.loads(report.read_text()).items()
+                    if "/" in name and isinstance(value, int | float)}
+    return figures
 
 
 def count_params(folder: Path) -> int | None:
@@ -134,7 +146,7 @@ def count_params(folder: Path) -> int | None:
     if not config_file.is_file():
         return None
     with torch.device("meta"):
-        model = GPT(GPTConfig(**json.loads(config_file.read_text())))
+        model = build_model(GPTConfig(**json.loads(config_file.read_text())))
     return model.num_params()
 
 
@@ -223,7 +235,8 @@ def _mean_std(values: list) -> tuple[float, float] | None:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def by_setting(runs: list[Run], rows: list[dict], metric: str) -> list[dict] | None:
+def by_setting(runs: list[Run], rows: list[dict], metric: str,
+               evaluated: list[str]) -> list[dict] | None:
     """Mean and std over runs that differ only in their seed; None if no setting repeats."""
     settings = distinguishing([_without(run.overrides, "seed") for run in runs])
     groups: dict[str, list[dict]] = defaultdict(list)
@@ -234,7 +247,7 @@ def by_setting(runs: list[Run], rows: list[dict], metric: str) -> list[dict] | N
     summary = []
     for setting, group in groups.items():
         entry = {"setting": setting or "(all runs)", "runs": len(group)}
-        for column in ["wall_s", *metric_columns(metric)]:
+        for column in ["wall_s", *metric_columns(metric), *evaluated]:
             entry[column] = _mean_std([row[column] for row in group])
         entry["reference"] = group[0].get("reference")
         summary.append(entry)
@@ -269,7 +282,8 @@ def _pyplot():
     return plt
 
 
-def plot_curves(runs: list[Run], names: list[str], metric: str, out: Path) -> Path:
+def plot_curves(runs: list[Run], names: list[str], metric: str, out: Path,
+                filename: str = "val_curves.png") -> Path:
     """Validation curves; the seeds of one setting share a colour, with a line style each."""
     plt = _pyplot()
     settings = distinguishing([_without(run.overrides, "seed") for run in runs])
@@ -304,7 +318,7 @@ def plot_curves(runs: list[Run], names: list[str], metric: str, out: Path) -> Pa
         axes[0].set_ylim(low - 0.02 * low, min(max(values), 1.35 * low) + 0.01)
     fig.legend(loc="outside lower center", fontsize=8, frameon=False)
     fig.suptitle(f"Validation {metric} of {len(runs)} run{'s' * (len(runs) > 1)}")
-    path = out / "val_curves.png"
+    path = out / filename
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -385,7 +399,7 @@ def plot_versus(runs: list[Run], rows: list[dict], metric: str, key: str, fit: b
 
 
 def compare(paths: list[str], out: Path | None = None, versus: str | None = None,
-            fit: bool = False) -> list[dict]:
+            fit: bool = False, curves: list[str] = ()) -> list[dict]:
     runs = [load_run(folder) for folder in find_runs(paths)]
     metrics = sorted({run.metric for run in runs})
     if len(metrics) > 1:
@@ -395,17 +409,22 @@ def compare(paths: list[str], out: Path | None = None, versus: str | None = None
     out = Path(out or (paths[0] if len(paths) == 1 else "."))
     out.mkdir(parents=True, exist_ok=True)
     names = labels(runs)
-    rows = [summarize(run, name, metric) for run, name in zip(runs, names, strict=True)]
+    evaluated = sorted({name for run in runs for name in run.evaluation})
+    rows = [summarize(run, name, metric) | {e: run.evaluation.get(e) for e in evaluated}
+            for run, name in zip(runs, names, strict=True)]
     reference = ["reference"] if any("reference" in row for row in rows) else []
-    columns = RUN_COLUMNS + metric_columns(metric) + reference
+    columns = RUN_COLUMNS + metric_columns(metric) + evaluated + reference
     print(write_table(rows, columns, out, "comparison"))
     written = [out / "comparison.md", out / "comparison.csv"]
-    settings = by_setting(runs, rows, metric)
+    settings = by_setting(runs, rows, metric, evaluated)
     if settings:
         print(write_table(settings, ["setting", "runs", "wall_s", *metric_columns(metric),
-                                     *reference], out, "comparison_by_setting"))
+                                     *evaluated, *reference], out, "comparison_by_setting"))
         written += [out / "comparison_by_setting.md", out / "comparison_by_setting.csv"]
     written.append(plot_curves(runs, names, metric, out))
+    for extra in curves:
+        written.append(plot_curves(runs, names, extra, out,
+                                   f"{extra.replace('/', '_')}_curves.png"))
     if versus:
         written.append(plot_versus(runs, rows, metric, versus, fit, out))
     print("written: " + ", ".join(map(str, written)))
@@ -421,9 +440,11 @@ def main(argv: list[str] | None = None) -> None:
                         "or against params or tokens")
     parser.add_argument("--fit", action="store_true",
                         help="with --versus: fit and draw y = a * x^-alpha + c (log x axis)")
+    parser.add_argument("--curves", nargs="+", default=[], metavar="METRIC",
+                        help="also draw the curves of these logged metrics, e.g. val/chrf")
     args = parser.parse_args(argv)
     try:
-        compare(args.paths, args.out, args.versus, args.fit)
+        compare(args.paths, args.out, args.versus, args.fit, args.curves)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

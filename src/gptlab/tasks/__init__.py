@@ -3,5 +3,7 @@
 from gptlab.tasks.classification import ClassificationTask
 from gptlab.tasks.language_modeling import LanguageModelingTask
 from gptlab.tasks.seq2seq import Seq2SeqTask
+from gptlab.tasks.summarization import SummarizationTask
 
-TASKS = {task.task_name: task for task in (LanguageModelingTask, ClassificationTask, Seq2SeqTask)}
+TASKS = {task.task_name: task for task in
+         (LanguageModelingTask, ClassificationTask, Seq2SeqTask, SummarizationTask)}

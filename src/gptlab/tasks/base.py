@@ -28,7 +28,8 @@ from gptlab.checkpoints import CHECKPOINT_KEY, load_pretrained
 from gptlab.data.lm_datamodule import IGNORE_INDEX
 from gptlab.data.tokenizers import Tokenizer
 from gptlab.errors import UserError
-from gptlab.models.gpt import GPT, GPTConfig
+from gptlab.models import build_model
+from gptlab.models.gpt import GPTConfig
 
 log = logging.getLogger("gptlab")
 
@@ -132,6 +133,7 @@ class GPTTask(L.LightningModule):
     task_name = ""
     summary_metrics: tuple[str, ...] = ("loss",)  # printed at the end of training
     default_eval_split = "val"
+    architectures: tuple[str, ...] = ("decoder_only",)  # the model.architecture it trains
 
     def __init__(
         self,
@@ -152,7 +154,12 @@ class GPTTask(L.LightningModule):
         if isinstance(model_config, GPTConfig):
             model_config = asdict(model_config)
         self.save_hyperparameters(ignore=["tokenizer", "data_config", "run_config"])
-        self.model = GPT(GPTConfig(**model_config))
+        config = GPTConfig(**model_config)
+        if config.architecture not in self.architectures:
+            raise UserError(f"task={self.task_name} trains {' or '.join(self.architectures)} "
+                            f"models, not model.architecture={config.architecture}; use "
+                            f"task=seq2seq or task=summarize for an encoder-decoder")
+        self.model = build_model(config)
         if init_from:
             self._load_pretrained(init_from, transfer_layers)
         if freeze_backbone:
@@ -174,7 +181,12 @@ class GPTTask(L.LightningModule):
     def _load_pretrained(self, init_from: str, transfer_layers: int | None) -> None:
         """Copy a pretrained GPT's weights: all of them, or embeddings + the first k blocks."""
         pretrained = load_pretrained(init_from)
-        theirs, ours = pretrained.artifacts["model_config"], asdict(self.model.config)
+        # Through GPTConfig: configs saved before a field existed get its default.
+        theirs = asdict(GPTConfig(**pretrained.artifacts["model_config"]))
+        ours = asdict(self.model.config)
+        if transfer_layers is not None and ours["architecture"] != "decoder_only":
+            raise UserError("task.transfer_layers copies the first blocks of a decoder-only "
+                            "model; leave it null for an encoder-decoder")
         k = theirs["n_layer"] if transfer_layers is None else transfer_layers
         differs = [f.name for f in fields(GPTConfig) if f.name not in _TRAINING_ONLY_FIELDS
                    and theirs.get(f.name) != ours[f.name]]
