@@ -76,3 +76,13 @@ def test_the_two_architectures_of_the_comparison_have_equal_parameter_counts():
         counts[cfg.model.architecture] = model.num_params(non_embedding=False)
     assert set(counts) == {"decoder_only", "encoder_decoder"}
     assert counts["encoder_decoder"] == pytest.approx(counts["decoder_only"], rel=0.005)
+
+
+def test_every_data_class_a_config_names_may_be_rebuilt_from_a_checkpoint():
+    """evaluate.py rebuilds a run's data from its checkpoint, which may name only these."""
+    from gptlab.checkpoints import ALLOWED_TARGETS
+
+    named = {line.split(":", 1)[1].split("#")[0].strip()
+             for path in (CONF / "data").glob("*.yaml")
+             for line in path.read_text().splitlines() if "_target_:" in line}
+    assert named and named <= ALLOWED_TARGETS

@@ -211,7 +211,7 @@ def test_cut_classification_inputs_are_counted(tmp_path, caplog):
 
 
 def test_batch_size_zero_is_a_user_error(labeled):
-    with pytest.raises(UserError, match="data.batch_size=0 must be positive"):
+    with pytest.raises(UserError, match="data.batch_size=0 must be at least 1"):
         classification(labeled, batch_size=0)
 
 

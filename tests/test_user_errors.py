@@ -113,3 +113,7 @@ def test_init_from_and_a_shared_pretraining_together(workspace, untouched):
     (line,) = errors
     assert "task.init_from=/some/run" in line and "pretrain_once=null" in line
     assert "Error executing job with overrides: ['ablation=full', 'seed=1'" in out
+
+
+def test_a_batch_of_no_windows(workspace, untouched):
+    assert "data.batch_size=0 must be at least 1" in train_fails(workspace, "data.batch_size=0")

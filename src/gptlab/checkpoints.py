@@ -43,6 +43,8 @@ ALLOWED_TARGETS = frozenset({
     "gptlab.data.finetune.ClassificationDataModule",
     "gptlab.data.finetune.Seq2SeqDataModule",
     "gptlab.data.synthetic.SyntheticDataModule",
+    "gptlab.data.summarization.SummarizationDataModule",
+    "gptlab.data.summarization.Aeslc",
     "gptlab.data.documents.KnownFile",
     "gptlab.data.documents.TextFiles",
     "gptlab.data.documents.HFDataset",

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from gptlab.data.lm_datamodule import IGNORE_INDEX
+from gptlab.data.lm_datamodule import IGNORE_INDEX, check_loader_options
 from gptlab.data.tokenizers import (
     EOS_TOKEN,
     KINDS,
@@ -161,11 +161,7 @@ class FinetuneDataModule(L.LightningDataModule):
                  tokenizer: str | Tokenizer = "bpe", vocab_size: int | None = None,
                  eval_batch_size: int | None = None, seed: int = 0, num_workers: int = 0):
         super().__init__()
-        for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size),
-                           ("num_workers", num_workers)):
-            if value is not None and (value < 0 or (value == 0 and key != "num_workers")):
-                raise UserError(f"data.{key}={value} must be positive"
-                                + (" (or 0)" if key == "num_workers" else ""))
+        check_loader_options(batch_size, eval_batch_size, num_workers)
         self.name, self.source = name, source
         self.block_size, self.batch_size = block_size, batch_size
         self.eval_batch_size = eval_batch_size or batch_size

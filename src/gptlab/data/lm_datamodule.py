@@ -101,6 +101,14 @@ class FixedWindows(Dataset):
         return window[:-1], y
 
 
+def check_loader_options(batch_size: int, eval_batch_size: int | None, num_workers: int) -> None:
+    """One line per bad value: a batch of 0 would train on a NaN loss, not fail."""
+    for key, value, least in (("batch_size", batch_size, 1), ("eval_batch_size",
+                              eval_batch_size, 1), ("num_workers", num_workers, 0)):
+        if value is not None and value < least:
+            raise UserError(f"data.{key}={value} must be at least {least}")
+
+
 class LMDataModule(L.LightningDataModule):
     """Prepares a corpus (cached) and serves training, validation and full-split windows."""
 
@@ -126,6 +134,7 @@ class LMDataModule(L.LightningDataModule):
         num_proc: int | None = None,
     ):
         super().__init__()
+        check_loader_options(batch_size, eval_batch_size, num_workers)
         self.name, self.source = name, source
         self.block_size, self.batch_size = block_size, batch_size
         self.eval_batch_size = eval_batch_size or batch_size
