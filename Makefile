@@ -88,10 +88,8 @@ test: install  ## run the test suite
 lint: install  ## ruff
 	$(BIN)/ruff check .
 
-bench: install  ## speed benchmarks: training step vs plain PyTorch, KV cache, beam vs greedy
-	$(BIN)/python bench/train_step.py
-	$(BIN)/python bench/generate_speed.py
-	$(BIN)/python bench/beam_speed.py
+bench: install  ## speed on this machine: matmul peak, tokens/s and MFU, Lightning, KV cache, beam, data
+	$(BIN)/python bench/speed.py $(ARGS)
 
 bench-prepare: install  ## corpus preparation MB/s and peak memory, 1 and 2 processes, ~1 GB corpus
 	$(BIN)/python bench/prepare_speed.py $(ARGS)

@@ -39,9 +39,9 @@ SHAPE = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, bias=False, dropout
 BATCH, LR, WARMUP_STEPS = 12, 1e-3, 10
 
 
-def datamodule(cache_dir: Path) -> LMDataModule:
+def datamodule(cache_dir: Path, block_size: int = 64) -> LMDataModule:
     dm = LMDataModule("shakespeare_char", KnownFile("tinyshakespeare/input.txt"),
-                      block_size=64, batch_size=BATCH, cache_dir=str(cache_dir))
+                      block_size=block_size, batch_size=BATCH, cache_dir=str(cache_dir))
     dm.prepare_data()
     return dm
 
@@ -49,7 +49,7 @@ def datamodule(cache_dir: Path) -> LMDataModule:
 def plain_loop(model: torch.nn.Module, dm: LMDataModule, steps: int, nanogpt: bool) -> float:
     """Seconds per step of a nanoGPT-style loop, after WARMUP_STEPS untimed steps."""
     opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.99), weight_decay=0.1)
-    batches = iter(RandomWindows(dm.corpus.tokens("train"), 64, BATCH, seed=0))
+    batches = iter(RandomWindows(dm.corpus.tokens("train"), dm.block_size, BATCH, seed=0))
     for i in range(WARMUP_STEPS + steps):
         if i == WARMUP_STEPS:
             start = time.perf_counter()

@@ -44,12 +44,27 @@ def test_many_text_files_split_by_document_and_loader_workers_change_nothing(tmp
 def test_ddp_scores_every_validation_token_once(workspace, tmp_path):
     """val_full/loss of two DDP ranks equals that of one process on the same checkpoint."""
     out = run_entry("train.py", *workspace.args, "model=nano", "debug=fast", "logger=csv",
-                    "hardware=ddp_cpu", "trainer.limit_val_batches=null")
+                    "hardware=ddp_cpu", "final_eval_tokens=null")
     run = run_folder(out)
     two_ranks = json.loads((run / "results.json").read_text())["val_full/loss"]
     run_entry("evaluate.py", f"run={run}", cwd=tmp_path)
     one = json.loads(next(run.glob("evaluation-best-*-val.json")).read_text())["val_full/loss"]
     assert two_ranks == pytest.approx(one, abs=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("task", "metric"), [("classify", "acc"), ("seq2seq", "bleu")])
+def test_ddp_scores_every_labeled_example_once(task, metric, workspace, tmp_path):
+    """Fine-tuning validation split between two ranks gives one process's figures."""
+    data = {"classify": ["data=sst2"],
+            "seq2seq": ["data=multi30k_en_de", "task.max_new_tokens=6"]}[task]
+    out = run_entry("train.py", *workspace.args, f"task={task}", *data, "model=nano",
+                    "debug=fast", "logger=csv", "hardware=ddp_cpu", "final_eval_tokens=null")
+    run = run_folder(out)
+    two_ranks = json.loads((run / "results.json").read_text())
+    run_entry("evaluate.py", f"run={run}", "split=val", "beam_size=1", cwd=tmp_path)
+    one = json.loads(next(run.glob("evaluation-best-*-val.json")).read_text())
+    assert two_ranks[f"val_full/{metric}"] == pytest.approx(one[f"val/{metric}"], abs=1e-4)
 
 
 def wikitext_like(folder: Path, rng: random.Random, lines: list[str]) -> dict[str, str]:

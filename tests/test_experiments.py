@@ -12,7 +12,8 @@ import yaml
 from hydra import compose, initialize_config_dir
 
 from gptlab.utils.config import register_resolvers
-from tests.conftest import REPO, run_entry, run_folders, wandb_records
+from tests.conftest import REPO, metrics_column, run_entry, run_folders, wandb_records
+from tests.test_configs import compose_train
 
 FAST = ("debug=fast", "hardware=cpu")
 
@@ -77,6 +78,24 @@ def test_slurm_launcher_gives_every_gpu_a_task():
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher") and launcher.partition == "gpu"
     assert launcher.tasks_per_node == 4 and cfg.trainer.strategy == "ddp"
+    # Warned before the time limit (the run saves its step) and requeued by submitit.
+    assert launcher.signal_delay_s > 0 and launcher.max_num_timeout > 0
+
+
+def test_a_preempted_job_hands_its_requeue_to_submitit(tmp_path):
+    """Under submitit the signal's own handler requeues; gptlab only saved first."""
+    import signal
+
+    from gptlab.callbacks import Preempted
+
+    calls = []
+
+    def submitit_handler(signum, frame):
+        calls.append(signum)
+
+    submitit_handler.__module__ = "submitit.core.job_environment"
+    Preempted(signal.SIGUSR2, 7, tmp_path / "last.ckpt", submitit_handler).requeue()
+    assert calls == [signal.SIGUSR2]
 
 
 @pytest.mark.slow
@@ -103,15 +122,37 @@ def test_gpt1_ablation_pretrains_once_then_fine_tunes_every_variant(workspace):
                  if r.HasField("metric")}
     assert summaries["val/acc"].max and summaries["val/loss"].min
 
-    # A pretraining that crashed after its last checkpoint is kept and resumed, not redone.
+    # A pretraining that stopped after a checkpoint is continued in its folder, not redone.
     (shared,) = [p for p in (workspace.root / "logs" / "pretrain" / "shared").iterdir()
                  if p.is_dir()]
     (shared / "results.json").unlink()
+    rows = metrics_column(shared, "val/loss")
     out = run_entry("train.py", *args, "ablation=no_aux_lm", "seed=1")
-    (crashed,) = shared.parent.glob(f"{shared.name}.crashed-*")
-    assert (crashed / "csv" / "metrics.csv").is_file()
-    assert f"ckpt_path={shared}/checkpoints/last.ckpt" in out
+    assert "stopped before its end; continuing it" in out and "Continuing the run" in out
+    assert metrics_column(shared, "val/loss") == rows  # nothing was trained again
     assert json.loads((shared / "results.json").read_text())["steps"] == 6
+
+
+def test_the_shared_pretraining_is_keyed_by_config_code_and_data(tmp_path, monkeypatch):
+    """An edited config, code or data file trains anew; where and how it runs does not."""
+    from gptlab import pretrain_once
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("some text to pretrain on\n" * 50)
+    overrides = ["model=nano", "data=text_files", f"data.source.paths=[{corpus}]"]
+    compose_train(f"paths.root_dir={tmp_path}")  # the job's own Hydra config
+    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
+        def folder(*extra: str) -> str:
+            return pretrain_once.shared_run_dir(tmp_path, "x", [*overrides, *extra]).name
+
+        first = folder()
+        assert folder() == first == folder("logger=csv", "hardware=cpu")
+        assert folder("model.n_embd=96") != first
+        corpus.write_text("other text to pretrain on\n" * 50)
+        changed_data = folder()
+        assert changed_data != first
+        monkeypatch.setattr(pretrain_once, "code_version", lambda conf_dir: "edited")
+        assert folder() != changed_data
 
 
 @pytest.mark.slow

@@ -214,7 +214,8 @@ def load_pretrained(init_from: str) -> Checkpoint | HFModel:
     return load_checkpoint(found, run_dir)
 
 
-def load_checkpoint(path: Path, run_dir: Path | None = None) -> Checkpoint:
+def load_checkpoint(path: str | Path, run_dir: Path | None = None) -> Checkpoint:
+    path = Path(path)
     if path.suffix == ".safetensors":
         from gptlab import safetensors_checkpoints  # it imports this module
 

@@ -52,6 +52,7 @@ from gptlab.utils.files import write_atomic
 log = logging.getLogger("gptlab")
 
 LOWER_IS_BETTER = ("loss", "ppl", "bpb")  # validation metrics; all others are better higher
+CORPUS_TARGET = "gptlab.data.lm_datamodule.LMDataModule"
 
 
 def _instantiate_all(group: DictConfig | None) -> list:
@@ -336,8 +337,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Score a checkpoint on a split with its task's metrics; print and save a report."""
     ckpt = _open_checkpoint(cfg)
     task = _task_of(ckpt, cfg)
-    data_cfg = cfg.data or OmegaConf.create(ckpt.data_config(_local_paths(cfg)))
-    datamodule = instantiate(data_cfg, tokenizer=ckpt.tokenizer)
+    datamodule = _evaluation_data(cfg, ckpt)
     split = cfg.split or task.default_eval_split
     precision, _ = hardware.resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
     trainer: L.Trainer = instantiate(
@@ -355,6 +355,23 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     write_atomic(out, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     print(f"written to {out}")
     return results
+
+
+def _evaluation_data(cfg: DictConfig, ckpt: Checkpoint):
+    """The data to score on, tokenized by the checkpoint's tokenizer.
+
+    A corpus of the run itself is asked for with the run's own tokenizer spec first: that
+    finds the prepared cache (a tokenizer object would key a new one, and preparing a large
+    corpus again takes long); it is used only if its tokenizer is the checkpoint's.
+    """
+    if cfg.get("data"):
+        return instantiate(cfg.data, tokenizer=ckpt.tokenizer)
+    data_cfg = OmegaConf.create(ckpt.data_config(_local_paths(cfg)))
+    if data_cfg.get("_target_") == CORPUS_TARGET:
+        datamodule = instantiate(data_cfg)
+        if datamodule.tokenizer.to_str() == ckpt.artifacts["tokenizer"]:
+            return datamodule
+    return instantiate(data_cfg, tokenizer=ckpt.tokenizer)
 
 
 def _evaluation_file(ckpt: Checkpoint, split: str) -> Path:

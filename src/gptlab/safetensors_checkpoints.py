@@ -33,6 +33,7 @@ SUFFIX = ".safetensors"
 ARTIFACT_PREFIX = f"{CHECKPOINT_KEY}."
 HPARAMS_KEY = "hyper_parameters"
 TIED_KEY = "tied_weights"
+RESUME_STATE = {"progress"}  # RNG states, logging window: resuming needs the .ckpt anyway
 INSTALL_HINT = "pip install -e '.[hf]'"
 
 
@@ -52,7 +53,7 @@ def save(contents: dict, path: str | Path) -> None:
     metadata = {"format": "pt", TIED_KEY: json.dumps(tied),
                 HPARAMS_KEY: _to_json(contents.get(HPARAMS_KEY, {}), HPARAMS_KEY)}
     metadata |= {ARTIFACT_PREFIX + key: _to_json(value, key)
-                 for key, value in contents[CHECKPOINT_KEY].items()}
+                 for key, value in contents[CHECKPOINT_KEY].items() if key not in RESUME_STATE}
     write_atomic(path, _safetensors().torch.save(tensors, metadata))
 
 

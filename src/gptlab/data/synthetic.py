@@ -40,7 +40,7 @@ class SyntheticDataModule(L.LightningDataModule):
 
     def __init__(self, vocab_size: int, block_size: int, batch_size: int,
                  eval_batch_size: int | None = None, val_batches: int = 4, seed: int = 0,
-                 num_workers: int = 0):
+                 num_workers: int = 0, tokenizer: Tokenizer | None = None):
         super().__init__()
         if vocab_size < 2 or block_size < 1 or batch_size < 1:
             raise UserError(f"data=synthetic needs vocab_size >= 2, block_size and batch_size "
@@ -48,7 +48,7 @@ class SyntheticDataModule(L.LightningDataModule):
         self.vocab_size, self.block_size, self.batch_size = vocab_size, block_size, batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.val_batches, self.seed, self.num_workers = val_batches, seed, num_workers
-        self._tokenizer: Tokenizer | None = None
+        self._tokenizer = tokenizer  # evaluate.py passes the run's
 
     @property
     def tokenizer(self) -> Tokenizer:
