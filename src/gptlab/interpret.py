@@ -12,8 +12,9 @@ writes PNG pictures (by default into <run folder>/interpret/<text>-<hash>/):
   Text-to-text runs read `source <|sep|> target`, the target being `target=` or else the
   model's own output for the text.
 - for classification runs, which tokens the prediction rests on (`label=` explains another
-  class than the predicted one): gradient x input (the class logit's gradient with respect to
-  each token's embedding, dotted with that embedding: signed) and attention rollout (Abnar &
+  class than the predicted one): gradient x input (the gradient of the class's log-probability,
+  i.e. of its evidence against the other classes, with respect to each token's embedding,
+  dotted with that embedding: signed) and attention rollout (Abnar &
   Zuidema 2020: the head-averaged attention of every layer plus the identity for the
   residual path, rows renormalised, multiplied through the layers, read at the pooled
   position: each token's share, summing to 1), as coloured text (`attribution.png`) and as a
@@ -231,7 +232,9 @@ def explain_classifier(task, text: str, label: str | None) -> Explanation:
         hook.remove()
     probabilities = logits.detach().softmax(-1)[0]
     index = int(probabilities.argmax()) if label is None else task.labels.index(label)
-    (grad,) = torch.autograd.grad(logits[0, index], embeddings[0])
+    # log P(class), not the logit: a change that moves every class's logit alike is no
+    # evidence for any of them.
+    (grad,) = torch.autograd.grad(logits.log_softmax(-1)[0, index], embeddings[0])
     gradient_x_input = (grad * embeddings[0]).sum(-1)[0].detach()
     maps = attention_maps(captured)
     rollout = attention_rollout(maps["self"])
