@@ -185,6 +185,10 @@ def explain_text(model: nn.Module, tokenizer: Tokenizer, text: str) -> Explanati
     ids = tokenizer.encode(text)[: model.config.block_size]
     if not ids:
         raise UserError('text="" has no tokens; give the text to look at: text="..."')
+    return _decoder_only(model, tokenizer, ids)
+
+
+def _decoder_only(model: nn.Module, tokenizer: Tokenizer, ids: list[int]) -> Explanation:
     with torch.no_grad(), record_attention(model) as captured:
         model(torch.tensor([ids]))
     tokens = token_labels(tokenizer, ids)
@@ -201,10 +205,7 @@ def explain_text_to_text(task, text: str, target: str | None) -> Explanation:
     target_ids = tokenizer.encode(target)
     if config.architecture == "decoder_only":
         ids = (prompt + target_ids + [eos_id(tokenizer)])[: config.block_size]
-        with torch.no_grad(), record_attention(task.model) as captured:
-            task.model(torch.tensor([ids]))
-        tokens = token_labels(tokenizer, ids)
-        explanation = Explanation(attention_maps(captured), {"self": (tokens, tokens)})
+        explanation = _decoder_only(task.model, tokenizer, ids)
     else:
         decoder_ids = ([separator_id(tokenizer)] + target_ids)[: config.block_size]
         with torch.no_grad(), record_attention(task.model) as captured:
