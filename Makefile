@@ -12,7 +12,7 @@ export GPTLAB_DATA_MIRROR ?= $(abspath ../shared/data)
 endif
 
 .PHONY: help install train finetune-sst2 finetune-sst2-gpt2 translate-multi30k \
-	summarize-aeslc nanogpt-cpu nanogpt-gpu gpt1-ablation gpt1-layers scaling \
+	summarize-aeslc interpret-examples nanogpt-cpu nanogpt-gpu gpt1-ablation gpt1-layers scaling \
 	seq2seq-architectures test lint bench bench-prepare clean
 
 help:  ## list the targets
@@ -54,6 +54,15 @@ summarize-aeslc: install  ## AESLC email -> subject recipe: train, then ROUGE on
 	@set -eo pipefail; run=$$($(BIN)/python train.py experiment=$(SUMMARIZE_EXPERIMENT) $(ARGS) \
 	    | tee /dev/stderr | sed -n 's/^run folder: //p'); \
 	$(BIN)/python evaluate.py run=$$run
+
+# docs/interpret.md's pictures, redrawn from the recipes' run folders.
+interpret-examples: install  ## docs/interpret.md's pictures from SST2_RUN=<run> and MT_RUN=<run>
+	@test -n "$(SST2_RUN)" -a -n "$(MT_RUN)" || { echo "error: give SST2_RUN=<make finetune-sst2 \
+	run folder> MT_RUN=<make translate-multi30k run folder>" >&2; exit 2; }
+	$(BIN)/python -m gptlab.interpret run=$(SST2_RUN) text="a sometimes tedious film ." \
+	    out=docs/interpret/sst2
+	$(BIN)/python -m gptlab.interpret run=$(MT_RUN) text="People are fixing the roof of a house." \
+	    target="Leute Reparieren das Dach eines Hauses." out=docs/interpret/multi30k
 
 # Reproductions: each an experiment= config; results and commands in docs/experiments.md.
 nanogpt-cpu: install  ## nanoGPT's Shakespeare-char CPU recipe (nanoGPT: val loss 1.88; ~3 min)

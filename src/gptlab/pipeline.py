@@ -45,6 +45,7 @@ from gptlab.resume import (
     wandb_run_id,
     write_metric_rows,
 )
+from gptlab.safety import SafetyFilter
 from gptlab.tasks.base import GPTTask, NonFiniteLoss
 from gptlab.utils.config import flatten, to_yaml
 from gptlab.utils.files import write_atomic
@@ -401,15 +402,22 @@ def generate(cfg: DictConfig) -> list[str]:
                         f"or choose another path")
     ckpt = _open_checkpoint(cfg)
     task_name = ckpt.artifacts["task"]
+    safety = SafetyFilter.from_config(cfg.get("safety"), device)
+    if safety is not None and task_name == "classify":
+        raise UserError("safety.* checks generated text, and a classify run generates none "
+                        "(it labels texts); drop the safety options for this run")
     if task_name == "pretrain":
-        return _continue_text(cfg, ckpt, device)
+        return _continue_text(cfg, ckpt, device, safety)
     task = _task_of(ckpt, cfg).to(device)
     texts = _input_texts(cfg, task_name)
     if task_name == "classify":
         outputs = [_label_line(text, probs) for text, probs in zip(
             texts, task.classify(texts, cfg.batch_size), strict=True)]
     else:
-        outputs = task.translate(texts, cfg.batch_size)
+        processors = safety.processors(task.tokenizer) if safety else []
+        outputs = task.translate(texts, cfg.batch_size, processors=processors)
+        if safety is not None:
+            outputs = safety.apply_all(outputs)
     if cfg.get("output_file"):
         write_atomic(Path(cfg.output_file).expanduser(), "".join(line + "\n" for line in outputs))
         print(f"{len(outputs)} lines written to {cfg.output_file}")
@@ -437,8 +445,10 @@ def _label_line(text: str, probabilities: dict[str, float]) -> str:
     return f"{label}\t{probabilities[label]:.4f}\t{text}"
 
 
-def _continue_text(cfg: DictConfig, ckpt: Checkpoint, device: torch.device) -> list[str]:
-    """Continue a prompt: num_samples samples, batched, with the model's KV cache."""
+def _continue_text(cfg: DictConfig, ckpt: Checkpoint, device: torch.device,
+                   safety: SafetyFilter | None) -> list[str]:
+    """Continue a prompt: num_samples samples, batched, with the model's KV cache; with a
+    safety filter, steered away from its words and checked as printed (prompt included)."""
     tokenizer = ckpt.tokenizer
     model = ckpt.model().to(device)
     text = cfg.get("text") or cfg.prompt
@@ -450,15 +460,18 @@ def _continue_text(cfg: DictConfig, ckpt: Checkpoint, device: torch.device) -> l
         raise UserError(f"stop='{cfg.stop}' is not a single token of this tokenizer; "
                         f"pass a token such as '<|endoftext|>' or leave stop unset")
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    processors = safety.processors(tokenizer) if safety else []
     samples: list[str] = []
     batches = range(0, cfg.num_samples, cfg.batch_size)
     for start in tqdm(batches, desc="generating", disable=len(batches) < 2):
         n = min(cfg.batch_size, cfg.num_samples - start)
         outputs = model.generate(
             [prompt] * n, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-            top_p=cfg.top_p, stop_token=stop, generator=generator,
+            top_p=cfg.top_p, stop_token=stop, generator=generator, processors=processors,
         )
         samples += [text + tokenizer.decode(tokens) for tokens in outputs]
+    if safety is not None:
+        samples = safety.apply_all(samples)
     for sample in samples:
         print(sample)
         print("-" * 40)

@@ -249,6 +249,21 @@ def reference_attention(
     return F.softmax(scores, dim=-1) @ v
 
 
+class ScaledDotProduct(nn.Module):
+    """softmax(Q K^T / sqrt(d_k)) V through `F.scaled_dot_product_attention`.
+
+    A module of its own, without weights, so that forward hooks can read each attention
+    layer's own Q, K, V and mask (`gptlab.interpret` draws attention maps from them: the fused
+    kernels return no weights). Calling it costs what calling SDPA costs.
+    """
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                mask: torch.Tensor | None = None, dropout_p: float = 0.0,
+                is_causal: bool = False) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                              is_causal=is_causal)
+
+
 def split_heads(x: torch.Tensor, n_head: int) -> torch.Tensor:
     """(B, T, C) -> (B, n_head, T, C / n_head)."""
     B, T, C = x.size()
@@ -274,6 +289,7 @@ class SelfAttention(nn.Module):
         # q, k, v in one matmul: fewer, larger kernels.
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.attend = ScaledDotProduct()
         self.resid_dropout = make_dropout(config)
 
     def forward(
@@ -296,11 +312,11 @@ class SelfAttention(nn.Module):
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)
-        y = F.scaled_dot_product_attention(
+        y = self.attend(
             q,
             k,
             v,
-            attn_mask=mask,
+            mask=mask,
             dropout_p=self.dropout if self.training else 0.0,
             # Without a mask, the is_causal flag lets SDPA pick its fused kernels.
             is_causal=self.causal and mask is None and x.size(1) > 1,
@@ -325,6 +341,7 @@ class CrossAttention(nn.Module):
         self.c_q = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.c_kv = nn.Linear(config.n_embd, 2 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.attend = ScaledDotProduct()
         self.resid_dropout = make_dropout(config)
 
     def keys_values(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -344,9 +361,7 @@ class CrossAttention(nn.Module):
         R, T, C = x.size()
         P = k.size(0)
         q = split_heads(self.c_q(x).reshape(P, R // P * T, C), self.n_head)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
-        )
+        y = self.attend(q, k, v, mask=mask, dropout_p=self.dropout if self.training else 0.0)
         return self.resid_dropout(self.c_proj(merge_heads(y).reshape(R, T, C)))
 
 

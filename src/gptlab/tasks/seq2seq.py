@@ -15,6 +15,8 @@ evaluate.py prints sacreBLEU's signature of each, so figures compare with papers
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from sacrebleu.metrics import BLEU, CHRF
 from torchmetrics import MaxMetric, MeanMetric
@@ -22,6 +24,7 @@ from torchmetrics import MaxMetric, MeanMetric
 from gptlab.data.finetune import PAD_ID, encode_sources, eos_id, separator_id, source_limit
 from gptlab.data.lm_datamodule import IGNORE_INDEX
 from gptlab.errors import UserError
+from gptlab.models.generation import LogitsProcessor
 from gptlab.models.gpt import ARCHITECTURES
 from gptlab.tasks.base import GPTTask, lm_loss
 
@@ -166,10 +169,12 @@ class Seq2SeqTask(GPTTask):
 
     # -- decoding ------------------------------------------------------------------------
     @torch.no_grad()
-    def decode(self, prompts: list[list[int]], greedy: bool = False) -> list[str]:
-        """Target text for each prompt (source tokens + separator)."""
+    def decode(self, prompts: list[list[int]], greedy: bool = False,
+               processors: Sequence[LogitsProcessor] = ()) -> list[str]:
+        """Target text for each prompt (source tokens + separator); processors as in
+        `models.generation.generate` (e.g. a safety filter's)."""
         eos = eos_id(self.tokenizer)
-        options = dict(temperature=0.0, stop_token=eos,
+        options = dict(temperature=0.0, stop_token=eos, processors=processors,
                        beam_size=1 if greedy else self.hparams.beam_size)
         if self.encoder_decoder:
             outputs = self.model.generate(prompts, self.hparams.max_new_tokens,
@@ -179,13 +184,14 @@ class Seq2SeqTask(GPTTask):
         return [self.tokenizer.decode(ids[:-1] if ids and ids[-1] == eos else ids).strip()
                 for ids in outputs]
 
-    def translate(self, texts: list[str], batch_size: int = 64) -> list[str]:
+    def translate(self, texts: list[str], batch_size: int = 64,
+                  processors: Sequence[LogitsProcessor] = ()) -> list[str]:
         """The output text for each input text, as training's data module encodes inputs."""
         limit = source_limit(self.hparams.max_source_tokens, self.model.config.block_size)
         prompts = encode_sources(self.tokenizer, texts, limit)
         outputs = []
         for start in range(0, len(prompts), batch_size):
-            outputs += self.decode(prompts[start : start + batch_size])
+            outputs += self.decode(prompts[start : start + batch_size], processors=processors)
         return outputs
 
     # -- evaluate.py ---------------------------------------------------------------------
