@@ -211,6 +211,10 @@ def test_the_chat_answers_calls_from_canned_responses_or_the_input(tmp_path):
                                        "customer", "call", "result", "call", "result", "agent"]
     assert scripted.histories[1][-1] == Turn("result", data={"menu_items": [{"id": "latte-1"}]})
     assert next(lines) == "never read\n"
+    fallback = CannedResponses(str(responses))
+    fallback.results["*"] = [{"ok": True}]
+    assert fallback.answer(Turn("call", name="other", data={})) == (True, {"ok": True})
+    assert CannedResponses().answer(lookup) == (False, None)
 
 
 def test_the_chat_says_what_is_missing_from_a_script(tmp_path):

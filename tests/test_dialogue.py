@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hydra.utils import instantiate
 
 from gptlab.data import sources
 from gptlab.data.dialogue import (
@@ -35,6 +36,7 @@ from gptlab.data.taskmaster import (
 )
 from gptlab.data.tokenizers import train_tokenizer
 from gptlab.errors import UserError
+from tests.test_configs import compose_train
 
 RAW = {
     "conversation_id": "dlg-1",
@@ -137,6 +139,23 @@ def test_taskmaster4_from_the_mirror_no_conversation_in_two_splits():
     by_text = {render(c.turns): split for split in corpus.splits for c in corpus.examples(split)}
     assert all(by_text[d.text] == d.split for d in documents) and len(documents) == 3710
     assert Taskmaster4Text.special_tokens == SPECIAL_TOKENS
+
+
+@pytest.mark.slow
+def test_the_pretraining_corpus_keeps_the_markers_and_the_agent_splits(tmp_path):
+    """data=taskmaster4_text as configured: each conversation whole in its agent split."""
+    mirror_or_skip()
+    cfg = compose_train("data=taskmaster4_text", f"data.cache_dir={tmp_path}", "data.num_proc=1",
+                        "data.source.val_fraction=0.01", "data.source.test_fraction=0.01")
+    data = instantiate(cfg.data)
+    data.prepare_data()
+    tok = data.tokenizer
+    assert all(len(tok.encode(marker)) == 1 for marker in SPECIAL_TOKENS)
+    conversations = Taskmaster4(val_fraction=0.01, test_fraction=0.01)
+    for split in ("val", "test"):
+        expected = "".join(render(c.turns) + "<|endoftext|>"
+                           for c in conversations.examples(split))
+        assert tok.decode(np.asarray(data.corpus.tokens(split)).tolist()) == expected
 
 
 def test_history_keeps_the_newest_whole_turns_that_fit():

@@ -14,7 +14,8 @@ Canned responses (`responses=`) are a JSON object from API name to result:
                         {"order_id": "7", "order_item_id": "2"}]}
 
 A list gives one result per call, in order, its last result answering any later call; to
-answer with a list itself, wrap it in a list of one.
+answer with a list itself, wrap it in a list of one. The entry "*" answers every API that the
+file does not name.
 
 Generation-time features plug in twice: the generation runs the agent's logits processors
 (`AgentTask.extra_processors`, e.g. a filter that bans token sequences) and every text reply
@@ -37,6 +38,7 @@ from gptlab.errors import UserError
 from gptlab.tasks.agent import AgentTask
 
 QUIT = ("/quit", "/exit")
+ANY_API = "*"  # the canned responses' entry for any API they do not name
 PostProcess = Callable[[str], str]
 
 
@@ -64,7 +66,7 @@ class CannedResponses:
 
     def answer(self, call: Turn) -> tuple[bool, Any]:
         """(whether the file answers this call, its result); lists are used up in order."""
-        queue = self.results.get(call.name)
+        queue = self.results.get(call.name) or self.results.get(ANY_API)
         if not queue:
             return False, None
         return True, queue.pop(0) if len(queue) > 1 else queue[0]
