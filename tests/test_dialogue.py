@@ -16,6 +16,8 @@ from gptlab.data.dialogue import (
     RewardDataModule,
     Turn,
     check_markers,
+    conversation_rows,
+    encode_segments,
     history_start,
     parse_agent_turn,
     render,
@@ -248,6 +250,17 @@ def test_every_agent_turn_is_prompted_with_its_true_history_cut_at_a_turn():
         assert history.endswith(prompt) and len(turn.prompt) <= 48 - 24
         assert turn.reference == conversation.turns[turn.turn]
         assert split_rendered(prompt)[0] in {render([t]) for t in conversation.turns}
+
+
+def test_an_opening_agent_turn_is_trained_on_but_not_prompted_for():
+    data = agent_data()
+    turns = [Turn("agent", text="Welcome!"), Turn("customer", text="a latte"),
+             Turn("agent", text="Sure.")]
+    segments = encode_segments(data.tokenizer, [turns])[0]
+    (row,) = conversation_rows("c", turns, segments, 128, 100, 0)
+    assert [t.turn for t in row["turns"]] == [2]
+    scored = [t for t, on in zip(row["sequence"][1:], row["agent_mask"], strict=True) if on]
+    assert data.tokenizer.decode(scored) == "Welcome!<|end|><|agent|>Sure.<|end|>"
 
 
 def test_a_tokenizer_without_the_role_markers_is_refused():

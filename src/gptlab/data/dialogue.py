@@ -197,7 +197,7 @@ def conversation_rows(conversation_id: str, turns: list[Turn], segments: list[li
     rows, index = [], first_index
     for begin, end, scored in training_windows(lengths, agent, block_size + 1):
         row_turns = []
-        for j in scored:
+        for j in (j for j in scored if j > 0):  # a conversation's first turn has no history
             prompt = tokens[history_start(starts, j, prompt_limit) : int(starts[j])]
             row_turns.append(AgentTurn(prompt, turns[j], conversation_id, j, index))
             index += 1

@@ -191,6 +191,7 @@ class AgentTask(GPTTask):
         self.last_records: list[dict] = []  # the last validation's, for evaluate.py's report
         self.evaluating = False  # set by evaluate.py: generate every turn
         self.rerank_prefixes: set[str] = set()  # evaluation passes that decode best-of-n
+        self.records_by_pass: dict[str, list[dict]] = {}  # evaluate.py's, by metric prefix
         self._sampled: dict[int, set[int]] = {}
 
     # -- training ------------------------------------------------------------------------
@@ -335,7 +336,6 @@ class AgentTask(GPTTask):
         """Greedy on every turn; then, with a reranker, best-of-n on every turn."""
         self.evaluating = True
         passes = [(split, datamodule.eval_dataloader(split))]
-        self.records_by_pass: dict[str, list[dict]] = {}
         if self.reranker is not None:
             prefix = f"{split}_best_of_{self.num_candidates}"
             self.rerank_prefixes.add(prefix)
