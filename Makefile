@@ -12,8 +12,9 @@ export GPTLAB_DATA_MIRROR ?= $(abspath ../shared/data)
 endif
 
 .PHONY: help install train finetune-sst2 finetune-sst2-gpt2 translate-multi30k \
-	summarize-aeslc interpret-examples nanogpt-cpu nanogpt-gpu gpt1-ablation gpt1-layers scaling \
-	seq2seq-architectures test lint bench bench-prepare clean
+	summarize-aeslc agent-taskmaster4 rerank-taskmaster4 interpret-examples nanogpt-cpu \
+	nanogpt-gpu gpt1-ablation gpt1-layers scaling seq2seq-architectures test lint bench \
+	bench-prepare clean
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
@@ -54,6 +55,20 @@ summarize-aeslc: install  ## AESLC email -> subject recipe: train, then ROUGE on
 	@set -eo pipefail; run=$$($(BIN)/python train.py experiment=$(SUMMARIZE_EXPERIMENT) $(ARGS) \
 	    | tee /dev/stderr | sed -n 's/^run folder: //p'); \
 	$(BIN)/python evaluate.py run=$$run
+
+agent-taskmaster4: install  ## Taskmaster-4 agent: train, then generate and score every test turn
+	@set -eo pipefail; run=$$($(BIN)/python train.py experiment=agent_taskmaster4 $(ARGS) \
+	    | tee /dev/stderr | sed -n 's/^run folder: //p'); \
+	$(BIN)/python evaluate.py run=$$run
+
+# AGENT=<run folder of make agent-taskmaster4>: the reward model starts from it.
+rerank-taskmaster4: install  ## reward model from AGENT=<run>, then best-of-4 vs greedy on test
+	@test -n "$(AGENT)" || { echo "error: pass AGENT=<agent run folder> (make \
+	agent-taskmaster4 prints it)" >&2; exit 2; }
+	@set -eo pipefail; reward=$$($(BIN)/python train.py experiment=reward_taskmaster4 \
+	    task.init_from=$(AGENT) $(ARGS) | tee /dev/stderr | sed -n 's/^run folder: //p'); \
+	$(BIN)/python evaluate.py run=$$reward; \
+	$(BIN)/python evaluate.py run=$(AGENT) num_candidates=4 rerank=$$reward
 
 # docs/interpret.md's pictures, redrawn from the recipes' run folders.
 interpret-examples: install  ## docs/interpret.md's pictures from SST2_RUN=<run> and MT_RUN=<run>

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from gptlab.chat import CannedResponses, Chat
+from gptlab.data.dialogue import Turn
 from gptlab.data.tokenizers import EOS_TOKEN, SEP_TOKEN, train_tokenizer
 from gptlab.errors import UserError
 from gptlab.safety import (
@@ -221,3 +223,30 @@ def test_classifier_mistakes_are_one_line_errors(cat_lm, threat_classifier):
     error = fails("generate.py", f"run={threat_classifier}", "text=x",
                   f"safety.classifier={threat_classifier}")
     assert "a classify run generates none" in error
+
+
+class ScriptedAgent:
+    """An agent that calls one API, then replies with a fixed text."""
+
+    def __init__(self, reply: str):
+        self.reply, self.turns = reply, 0
+
+    def respond(self, history, best_of=False):
+        self.turns += 1
+        if history[-1].role == "customer":
+            return Turn("call", name="get_menu_items", data={}), "<call>"
+        return Turn("agent", text=self.reply), self.reply
+
+
+def test_a_chat_replaces_a_blocked_agent_reply_by_the_refusal(tmp_path, capsys):
+    blocklist = tmp_path / "blocklist.txt"
+    blocklist.write_text("idiot\n")
+    safety = SafetyFilter.from_config({"blocklist": str(blocklist), "refusal": "No."})
+    responses = tmp_path / "responses.json"
+    responses.write_text('{"*": {"ok": true}}')
+    chat = Chat(ScriptedAgent("you idiot"), CannedResponses(str(responses)),
+                iter(["hello", "again"]), postprocess=[safety.apply])
+    turns = chat.run()
+    replies = [turn.text for turn in turns if turn.role == "agent"]
+    assert replies == ["No.", "No."]
+    assert "idiot" not in capsys.readouterr().out

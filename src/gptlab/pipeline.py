@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from gptlab import hardware
 from gptlab.callbacks import Preempted
+from gptlab.chat import CannedResponses, Chat
 from gptlab.checkpoints import (
     LAST,
     Checkpoint,
@@ -34,6 +35,7 @@ from gptlab.checkpoints import (
     load_checkpoint,
     load_pretrained,
 )
+from gptlab.data.dialogue import render_turn
 from gptlab.data.sources import read_text
 from gptlab.data.tokenizers import KINDS, Tokenizer, from_spec
 from gptlab.errors import UserError
@@ -338,6 +340,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Score a checkpoint on a split with its task's metrics; print and save a report."""
     ckpt = _open_checkpoint(cfg)
     task = _task_of(ckpt, cfg)
+    _use_reranker(task, cfg, torch.device("cpu"))
     datamodule = _evaluation_data(cfg, ckpt)
     split = cfg.split or task.default_eval_split
     precision, _ = hardware.resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
@@ -355,6 +358,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
               **task.evaluation_details()}
     write_atomic(out, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     print(f"written to {out}")
+    for name, png in task.evaluation_figures().items():
+        picture = out.with_name(f"{out.stem}-{name}.png")
+        write_atomic(picture, png)
+        print(f"written to {picture}")
     return results
 
 
@@ -406,9 +413,18 @@ def generate(cfg: DictConfig) -> list[str]:
     if safety is not None and task_name == "classify":
         raise UserError("safety.* checks generated text, and a classify run generates none "
                         "(it labels texts); drop the safety options for this run")
+    if cfg.get("chat") != (task_name == "agent"):
+        raise UserError("chat=true talks to an agent run (task=agent); use it with one and only "
+                        "with one" if cfg.get("chat") else "this is an agent run: talk to it with "
+                        "chat=true (type as the customer, or pipe the customer's lines)")
+    if task_name == "reward":
+        raise UserError("a reward run scores an agent's candidate turns: pass it as "
+                        "rerank=<reward run> (with num_candidates=4) beside an agent run")
     if task_name == "pretrain":
         return _continue_text(cfg, ckpt, device, safety)
     task = _task_of(ckpt, cfg).to(device)
+    if task_name == "agent":
+        return _chat(cfg, task, device, safety)
     texts = _input_texts(cfg, task_name)
     if task_name == "classify":
         outputs = [_label_line(text, probs) for text, probs in zip(
@@ -424,6 +440,49 @@ def generate(cfg: DictConfig) -> list[str]:
     else:
         print("\n".join(outputs))
     return outputs
+
+
+def _use_reranker(task: GPTTask, cfg: DictConfig, device: torch.device) -> bool:
+    """Best-of-n for an agent run: sample num_candidates turns, keep the one that the reward
+    run `rerank` scores highest. Whether it is asked for."""
+    n, rerank = cfg.get("num_candidates") or 1, cfg.get("rerank")
+    if n == 1 and not rerank:
+        return False
+    if not rerank or n < 2 or task.task_name != "agent":
+        raise UserError("best-of-n needs an agent run, num_candidates >= 2 and rerank=<reward "
+                        f"run> (got num_candidates={n}, rerank={rerank})")
+    reward_ckpt = load_checkpoint(*find_checkpoint(run=rerank))
+    if reward_ckpt.artifacts["task"] != "reward":
+        raise UserError(f"rerank={rerank} is a {reward_ckpt.artifacts['task']} run; give a "
+                        f"reward run (task=reward)")
+    reward = reward_ckpt.task().to(device)
+
+    def reranker(contexts: list[str], candidates: list[str]) -> list[float]:
+        reward.to(task.device)  # evaluate.py's trainer may have moved the agent
+        return reward.score(contexts, candidates)
+
+    sampling = {"temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p}
+    task.use_reranker(reranker, n, sampling, cfg.seed)
+    return True
+
+
+def _chat(cfg: DictConfig, task: GPTTask, device: torch.device,
+          safety: SafetyFilter | None) -> list[str]:
+    """A conversation with an agent run on standard input (see gptlab.chat); the safety
+    filter steers the agent's decoding and checks its text replies."""
+    best_of = _use_reranker(task, cfg, device)
+    if safety is not None:
+        task.extra_processors = safety.processors(task.tokenizer)
+    chat = Chat(task, CannedResponses(cfg.get("responses")), iter(sys.stdin),
+                interactive=sys.stdin.isatty(), best_of=best_of, max_calls=cfg.max_calls,
+                postprocess=[safety.apply] if safety else None)
+    turns = chat.run()
+    if cfg.get("output_file"):
+        write_atomic(Path(cfg.output_file).expanduser(),
+                     json.dumps([turn.as_dict() for turn in turns], indent=2,
+                                ensure_ascii=False) + "\n")
+        print(f"the conversation ({len(turns)} turns) written to {cfg.output_file}")
+    return [render_turn(turn) for turn in turns]
 
 
 def _input_texts(cfg: DictConfig, task_name: str) -> list[str]:

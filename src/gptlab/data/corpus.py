@@ -19,6 +19,8 @@ Splits (`split_by`):
 Tokenizers: `char` (every character of the cleaned corpus, in sorted order), `bpe` (trained
 on the first `tokenizer_sample_chars` characters of the train split; meta.json says how much
 of the split that was), `gpt2`, a tokenizer.json path, or a Tokenizer object (a checkpoint's).
+A char or bpe tokenizer trained here keeps the source's `special_tokens` (if it names any, e.g.
+the role markers of rendered conversations) as single tokens.
 
 The cache folder `<cache_dir>/<name>-<key>` is keyed by the source's fingerprint and every
 option that changes the tokens (`cache_key`), so it is found again without reading the
@@ -237,6 +239,9 @@ def corpus_options(
         raise UserError(f"data.tokenizer_sample_chars={tokenizer_sample_chars} must be a "
                         "positive number of characters, e.g. 100000000")
     spec = _tokenizer_spec(tokenizer, vocab_size)
+    special_tokens = list(getattr(source, "special_tokens", ()))
+    if special_tokens and "kind" in spec:  # a tokenizer trained here gets the source's markers
+        spec["special_tokens"] = special_tokens
     return Options(mode, spec, _cleaning_options(cleaning), val_fraction, test_fraction,
                    str(document_separator),
                    tokenizer_sample_chars if spec.get("kind") == "bpe" else None)
@@ -386,13 +391,15 @@ class _Preparation:
         if path.is_file():
             return Tokenizer.load(path)
         spec = self.tokenizer_arg
+        special_tokens = self.opts.tokenizer.get("special_tokens", [])
         if isinstance(spec, Tokenizer):
             tok = spec
         elif spec == "char":
-            tok = train_tokenizer("char", [plan["charset"]])
+            tok = train_tokenizer("char", [plan["charset"]], special_tokens=special_tokens)
         elif spec == "bpe":
             sample = _Counter(self._bpe_sample(plan))
-            tok = train_tokenizer("bpe", sample, self.opts.tokenizer["vocab_size"])
+            tok = train_tokenizer("bpe", sample, self.opts.tokenizer["vocab_size"],
+                                  special_tokens)
             plan["bpe_sample_chars"] = sample.chars
             write_atomic(self.work / "plan.json", json.dumps(plan))
         else:

@@ -12,6 +12,7 @@ A document source (the `data.source` of an LM corpus) has
 - `split_names`: the source's own splits ({"train": ..., "val": ..., "test": ...}), or None;
 - `single_document`: True when it holds one document (split contiguously, like nanoGPT);
 - `size()`: the bytes of text it holds, when known without reading (for progress bars).
+- `special_tokens` (optional): strings that a tokenizer trained on it keeps as single tokens.
 """
 
 from __future__ import annotations

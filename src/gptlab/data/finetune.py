@@ -35,12 +35,15 @@ log = logging.getLogger("gptlab")
 PAD_ID = 0  # any id works: padding sits after every real token and is never a target
 
 
-def load_tokenizer(spec: str | Tokenizer, vocab_size: int | None, texts: list[str]) -> Tokenizer:
-    """A given Tokenizer, a new one of kind `spec` trained on texts, gpt2 or a tokenizer.json."""
+def load_tokenizer(spec: str | Tokenizer, vocab_size: int | None, texts: list[str],
+                   special_tokens: tuple[str, ...] = ()) -> Tokenizer:
+    """A given Tokenizer, a new one of kind `spec` trained on texts (with <|endoftext|>,
+    <|sep|> and `special_tokens`), gpt2 or a tokenizer.json."""
     if isinstance(spec, Tokenizer):
         return spec
     if spec in KINDS:
-        return train_tokenizer(spec, texts, vocab_size, special_tokens=[EOS_TOKEN, SEP_TOKEN])
+        return train_tokenizer(spec, texts, vocab_size,
+                               special_tokens=[EOS_TOKEN, SEP_TOKEN, *special_tokens])
     return from_spec(spec)
 
 
@@ -157,6 +160,8 @@ def evenly_spaced(lengths: list[int], max_tokens: int | None) -> list[int]:
 class FinetuneDataModule(L.LightningDataModule):
     """Reads a split's examples from `source`, tokenizes them once, serves padded batches."""
 
+    special_tokens: tuple[str, ...] = ()  # single tokens of a tokenizer trained here
+
     def __init__(self, name: str, source, block_size: int, batch_size: int,
                  tokenizer: str | Tokenizer = "bpe", vocab_size: int | None = None,
                  eval_batch_size: int | None = None, seed: int = 0, num_workers: int = 0):
@@ -186,7 +191,7 @@ class FinetuneDataModule(L.LightningDataModule):
     def tokenizer(self) -> Tokenizer:
         if self._tokenizer is None:
             self._tokenizer = load_tokenizer(self.tokenizer_spec, self.vocab_size_wanted,
-                                             self.tokenizer_texts())
+                                             self.tokenizer_texts(), self.special_tokens)
         return self._tokenizer
 
     @property

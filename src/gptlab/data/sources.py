@@ -111,9 +111,34 @@ GPT2_RANKS = RemoteFile(
     package_asset=("whisper", "assets/gpt2.tiktoken"),
 )
 
+# Taskmaster-4 (TM-4-2024): coffee-ordering conversations and reward examples, JSON files of the
+# repository pinned at a commit (the sha256s are those of that commit's files).
+_TASKMASTER4_URL = ("https://raw.githubusercontent.com/google-research-datasets/Taskmaster/"
+                    "d92cb6af3005f1dc09c39e75e7daf4a04905e00b/TM-4-2024")
+_TASKMASTER4_SHA256 = {
+    "data/data_00.json": "d9440d1a46e6ba9f8c680a77a7dc7a42b0b3266ef555aeac6160b0d5ac37c647",
+    "data/data_01.json": "2577d6af1c9d7cc5540d5193206d35b000ebeff59925c1076ce724f1a85b8964",
+    "data/data_02.json": "b353618d9709c6bdeafa08682526e04047ad28d5f9acd65ed7878482a90d49df",
+    "data/data_03.json": "45fe8eb52af674b69972d172c911f9cfd6f5044b61338b524997edf1a4861641",
+    "data/data_04.json": "bf5f2e3704aab48f657ec97f8d9bf041abec17a1cd3e56206c3424910875088d",
+    "data/data_05.json": "3d158e9880bfea3e5db18d008cf1f726f1d802eca28c2b71fc291274b9ee60ba",
+    "data/data_06.json": "dd0546a6aaf430a812f4cfb5d8f9f0c823136ba2e77e78103b50a8e95080759c",
+    "data/data_07.json": "b61f11f3c950c330049906ae249e858503ec7c905fcad5b4a7edd851ccf07bbc",
+    "reward/reward_00.json": "79f809857b90e8afe28c542dbcbdea79a1a1e365aa4626b6ec2fdc37785a9f24",
+    "reward/reward_01.json": "818fe4604d23cbb3b77aebf98f28300ae411ca3305a4b730d19bd8ff69ab9455",
+    "reward/reward_02.json": "433851379c7143299b2570ffc7c40a8f57ddabf0c8278ad123da7a7dac64c867",
+    "reward/reward_03.json": "d2f96717912652d3bd0a7aa907aa0b798aa35465e5ee5a768f0de118d08fe149",
+    "reward/reward_04.json": "73ae7f65dc98f1906eac243cf95cc75f7b6489ef5e4a7cf8c787f4704672a7df",
+    "reward/reward_05.json": "8d0c124fd06b261596fc72e188fbd326d1b5dd559ecbf3a585a513c1f3e12cf1",
+    "reward/reward_06.json": "55ce13a025dcfb842ef2de75e4cfafb07a1f1938905d5c4e59e5b440a7ce624c",
+}
+TASKMASTER4 = [RemoteFile(f"taskmaster4/{path}", f"{_TASKMASTER4_URL}/{path}", sha256)
+               for path, sha256 in _TASKMASTER4_SHA256.items()]
+
 # Every registered file by its relpath, e.g. "tinyshakespeare/input.txt" or "multi30k/train.de".
 KNOWN_FILES: dict[str, RemoteFile] = {
-    f.relpath: f for f in (TINY_SHAKESPEARE, SST2_TRAIN, SST2_DEV, SST2_TEST, *MULTI30K.values())
+    f.relpath: f for f in (TINY_SHAKESPEARE, SST2_TRAIN, SST2_DEV, SST2_TEST, *MULTI30K.values(),
+                            *TASKMASTER4)
 }
 
 

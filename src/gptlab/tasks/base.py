@@ -301,6 +301,16 @@ class GPTTask(L.LightningModule):
         return (self.eval_prefix == "val" and self.trainer.state.fn == "fit"
                 and not self.trainer.sanity_checking)
 
+    def gather_list(self, items: list) -> list:
+        """Every rank's items, in rank order: under DDP each rank validates its own batches,
+        and a figure over the whole split (a corpus score, an AUC) needs all of them."""
+        if (self._trainer is None or self.trainer.world_size == 1
+                or not torch.distributed.is_initialized()):
+            return items
+        parts: list = [None] * self.trainer.world_size
+        torch.distributed.all_gather_object(parts, items)
+        return [item for part in parts for item in part]
+
     def log_progress(self) -> None:
         """Tokens and time beside each val metric, so time-to-metric reads off one CSV row."""
         if self.fitting_validation():
@@ -437,6 +447,10 @@ class GPTTask(L.LightningModule):
 
     def evaluation_details(self) -> dict:
         """Non-scalar results of the last evaluation, saved beside the metrics."""
+        return {}
+
+    def evaluation_figures(self) -> dict[str, bytes]:
+        """PNG pictures of the last evaluation by name, saved beside its report."""
         return {}
 
     def report(self, results: dict[str, float], split: str) -> str:
