@@ -13,7 +13,7 @@ endif
 
 .PHONY: help install train finetune-sst2 finetune-sst2-gpt2 translate-multi30k \
 	summarize-aeslc agent-taskmaster4 rerank-taskmaster4 interpret-examples nanogpt-cpu \
-	nanogpt-gpu gpt1-ablation gpt1-layers scaling seq2seq-architectures test lint bench \
+	nanogpt-gpu gpt1-ablation gpt1-layers scaling seq2seq-architectures test test-slow lint bench \
 	bench-prepare clean
 
 help:  ## list the targets
@@ -104,10 +104,13 @@ seq2seq-architectures: install  ## decoder-only vs encoder-decoder on Multi30k, 
 	$(BIN)/python -m gptlab.reporting.compare "$$(dirname "$$(echo "$$runs" | head -n 1)")" \
 	    --curves val/chrf val/loss
 
-# pytest-xdist workers, each with one thread (tests/conftest.py); 2 cores: about 9.5 minutes.
+# pytest-xdist workers, each with one thread (tests/conftest.py). CI runs both targets.
 TEST_WORKERS ?= 2
-test: install  ## run the test suite
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) $(ARGS)
+test: install  ## the test suite without the slow end-to-end recipes (~9 min on 2 cores)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) -m "not slow" $(ARGS)
+
+test-slow: install  ## the slow tests: experiments, DDP and bf16 on every task, agent, ...
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) -m slow $(ARGS)
 
 lint: install  ## ruff
 	$(BIN)/ruff check .
