@@ -35,3 +35,20 @@ def test_gpu_check_runs_its_steps_on_a_cpu(tmp_path, workspace):
     results = json.loads((tmp_path / "gpu_check.json").read_text())
     assert all(row["ok"] for row in results["hardware"]) and results["hardware"]
     assert results["gpt2_shape"]["ok"] and results["gpt2_shape"]["train.py tokens/s"] > 0
+
+
+@pytest.mark.slow
+def test_the_nanogpt_comparison_runs_both_sides(tmp_path):
+    """Against a stand-in for nanoGPT's train.py that prints what nanoGPT prints."""
+    checkout = tmp_path / "nanoGPT"
+    data = checkout / "data" / "shakespeare_char"
+    data.mkdir(parents=True)
+    (data / "prepare.py").write_text("open('val.bin', 'wb').write(b'0' * 4)\n")
+    (checkout / "train.py").write_text(
+        "import sys\nassert '--device=cpu' in sys.argv\n"
+        "print('step 6: train loss 3.1000, val loss 3.2500')\n")
+    bench("vs_nanogpt.py", "--nanogpt", str(checkout), "--rounds", "1", "--quick",
+          "--out", str(tmp_path / "out"))
+    rows = json.loads((tmp_path / "out" / "vs_nanogpt.json").read_text())
+    assert [row["val_loss"] for row in rows][0] == 3.25
+    assert all(row["seconds"] > 0 and row["val_loss"] > 0 for row in rows)
