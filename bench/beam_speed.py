@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from interleave import interleaved  # bench/interleave.py
 
 from gptlab.utils.files import write_atomic
 
@@ -82,12 +83,13 @@ def main() -> None:
     args = parser.parse_args()
     decode, n = checkpoint_model(args.ckpt) if args.ckpt else random_model(args.architecture,
                                                                             args.sentences)
-    times: dict[int, list[float]] = {1: [], args.beam: []}
-    for _ in range(args.rounds):
-        for beam in times:
-            start = time.perf_counter()
-            decode(beam)
-            times[beam].append(time.perf_counter() - start)
+    def seconds(beam: int) -> float:
+        start = time.perf_counter()
+        decode(beam)
+        return time.perf_counter() - start
+
+    times = interleaved({1: lambda: seconds(1), args.beam: lambda: seconds(args.beam)},
+                        args.rounds)
     ratio = statistics.median(b / g for g, b in zip(times[1], times[args.beam], strict=True))
     figures = {"sentences": n, "model": args.ckpt or f"random {args.architecture}",
                "threads": torch.get_num_threads(),

@@ -28,7 +28,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -36,6 +35,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_step  # noqa: E402  (bench/train_step.py: the Lightning and bare loops)
+from interleave import interleaved  # noqa: E402
 
 from gptlab import hardware  # noqa: E402
 from gptlab.models.gpt import GPT, GPTConfig  # noqa: E402
@@ -56,17 +56,6 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def interleaved(variants: dict[str, Callable[[], float]], rounds: int) -> dict[str, list]:
-    """Each variant's measurements, the variants taking turns (in rotating order) each round."""
-    names, results = list(variants), {name: [] for name in variants}
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            results[name].append(variants[name]())
-        print(f"  round {r + 1}/{rounds}: " + ", ".join(
-            f"{n} {v[-1]:.4g}" for n, v in results.items()), flush=True)
-    return results
 
 
 def matmul_gflops(dtype: torch.dtype, n: int, seconds: float = 0.5) -> float:

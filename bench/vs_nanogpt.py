@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from interleave import interleaved  # bench/interleave.py
+
 REPO = Path(__file__).resolve().parent.parent
 # nanoGPT's README, "I only have a macbook" (its CPU recipe), with the output in a temp folder.
 NANOGPT_CPU = ["config/train_shakespeare_char.py", "--device=cpu", "--compile=False",
@@ -98,16 +100,15 @@ def main() -> None:
     prepare_nanogpt(args.nanogpt.resolve())
     with tempfile.TemporaryDirectory() as tmp:
         variants = commands(args.nanogpt.resolve(), Path(tmp), args.quick)
-        names, times = list(variants), {name: [] for name in variants}
-        losses = {}
-        for r in range(args.rounds):
-            for name in names[r % len(names):] + names[: r % len(names)]:
-                seconds, losses[name] = run(*variants[name])
-                times[name].append(seconds)
-                print(f"round {r + 1}/{args.rounds}: {name}: {seconds:.0f} s, "
-                      f"val loss {losses[name]:.4f}", flush=True)
+        losses: dict[str, float] = {}
+
+        def timed(name: str) -> float:
+            seconds, losses[name] = run(*variants[name])
+            return seconds
+
+        times = interleaved({name: (lambda n=name: timed(n)) for name in variants}, args.rounds)
     rows = [{"command": name, "seconds": statistics.median(times[name]), "times": times[name],
-             "val_loss": losses[name]} for name in names]
+             "val_loss": losses[name]} for name in variants]
     args.out.mkdir(parents=True, exist_ok=True)
     text = report(rows)
     (args.out / "vs_nanogpt.md").write_text(text)
