@@ -118,7 +118,7 @@ lint: install  ## ruff
 bench: install  ## speed on this machine: matmul peak, tokens/s and MFU, Lightning, KV cache, beam, data
 	$(BIN)/python bench/speed.py $(ARGS)
 
-bench-prepare: install  ## corpus preparation MB/s and peak memory, 1 and 2 processes, ~1 GB corpus
+bench-prepare: install  ## ~1 GB corpus: preparation MB/s, peak memory (1, 2 processes), tokens/s
 	$(BIN)/python bench/prepare_speed.py $(ARGS)
 
 clean:  ## remove caches and build files (keeps logs/ and data/)

@@ -108,13 +108,20 @@ def test_the_preparation_benchmark_runs_small(tmp_path):
     out = tmp_path / "speed.json"
     proc = subprocess.run(
         [sys.executable, str(REPO / "bench" / "prepare_speed.py"), "--size-mb", "20",
-         "--files", "16", "--tokenizer", "char", "--out", str(out)],
+         "--files", "16", "--tokenizer", "char", "--train-rounds", "2", "--train-steps", "3",
+         "--out", str(out)],
         capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(out.read_text())
     assert 19e6 < report["corpus_bytes"] < 22e6
     assert [r["num_proc"] for r in report["runs"]] == [1, 2]
     for run in report["runs"]:
-        assert run["mb_per_s"] > 0 and 10 < run["peak_rss_mb"] < 1500
+        assert run["mb_per_s"] > 0 and 10 < run["peak_pss_mb"] <= run["peak_rss_mb"] < 3000
         assert run["train"] == report["runs"][0]["train"] > 0
     assert "| 2 |" in proc.stdout
+    training = report["training"]
+    assert training["generated corpus"]["train_tokens"] == report["runs"][0]["train"]
+    assert training["Tiny Shakespeare"]["train_tokens"] == 1_003_854  # the 90% split, chars
+    for corpus in training.values():
+        assert len(corpus["seconds_per_step"]) == 2 and corpus["tokens_per_s"] > 0
+    assert "| Tiny Shakespeare |" in proc.stdout
