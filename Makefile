@@ -29,22 +29,39 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 
 install: $(VENV)/.installed  ## create .venv and install gptlab with its dependencies
 
-train: install  ## prepare Tiny Shakespeare and train the default model
-	$(BIN)/python train.py $(ARGS)
+# SEEDS=1,2,3 makes a recipe's (last) training step a multirun over those seeds: every run is
+# trained and evaluated as alone, then gptlab.reporting.compare prints each figure's mean and
+# spread over the seeds (comparison_by_setting.md in the sweep folder). Recipes that already
+# sweep seeds (gpt1-ablation, gpt1-layers, seq2seq-architectures) take SEEDS instead of theirs.
+SEED_SWEEP = $(if $(SEEDS),hydra.mode=MULTIRUN seed=$(SEEDS))
+# After evaluate.py has added its test figures to the runs: the sweep's comparison again.
+COMPARE_SEEDS = $(if $(SEEDS),$(BIN)/python -m gptlab.reporting.compare \
+	"$$(dirname "$$(echo "$$runs" | head -n 1)")")
+
+# $(call train_and_evaluate,experiment): train (one run, or one per seed), then evaluate.py on
+# every run folder that train.py printed. ARGS go to train.py, EVAL_ARGS to evaluate.py.
+define train_and_evaluate
+@set -eo pipefail; runs=$$($(BIN)/python train.py experiment=$(1) $(SEED_SWEEP) $(ARGS) \
+    | tee /dev/stderr | sed -n 's/^run folder: //p'); \
+for run in $$runs; do $(BIN)/python evaluate.py run=$$run $(EVAL_ARGS); done; \
+$(COMPARE_SEEDS)
+endef
+
+train: install  ## prepare Tiny Shakespeare and train the default model (SEEDS=1,2,3: a sweep)
+	$(BIN)/python train.py $(SEED_SWEEP) $(ARGS)
 
 # A recipe's second step starts from the run folder that its first step prints last.
 finetune-sst2: install  ## SST-2 recipe: pretrain on unlabeled text, fine-tune, print dev accuracy
 	@set -eo pipefail; pretrained=$$($(BIN)/python train.py experiment=sst2_pretrain $(ARGS) \
 	    | tee /dev/stderr | sed -n 's/^run folder: //p'); \
-	$(BIN)/python train.py experiment=sst2_finetune task.init_from=$$pretrained $(ARGS)
+	$(BIN)/python train.py experiment=sst2_finetune task.init_from=$$pretrained $(SEED_SWEEP) \
+	    $(ARGS)
 
 finetune-sst2-gpt2: install  ## SST-2 fine-tuning from GPT-2 small's weights (hf:gpt2; a GPU)
-	$(BIN)/python train.py experiment=sst2_finetune_gpt2 $(ARGS)
+	$(BIN)/python train.py experiment=sst2_finetune_gpt2 $(SEED_SWEEP) $(ARGS)
 
 translate-multi30k: install  ## Multi30k en->de recipe: train, then BLEU/chrF on test2016 (4 beams)
-	@set -eo pipefail; run=$$($(BIN)/python train.py experiment=translate_multi30k_en_de $(ARGS) \
-	    | tee /dev/stderr | sed -n 's/^run folder: //p'); \
-	$(BIN)/python evaluate.py run=$$run
+	$(call train_and_evaluate,translate_multi30k_en_de)
 
 # ARCH=decoder_only runs the AESLC recipe with a GPT instead of the encoder-decoder.
 ARCH ?= encoder_decoder
@@ -52,23 +69,21 @@ SUMMARIZE_EXPERIMENT = $(if $(filter encoder_decoder,$(ARCH)),summarize_aeslc,$(
 	$(filter decoder_only,$(ARCH)),summarize_aeslc_decoder_only,$(error ARCH=$(ARCH): use \
 	encoder_decoder or decoder_only)))
 summarize-aeslc: install  ## AESLC email -> subject recipe: train, then ROUGE on test (ARCH=...)
-	@set -eo pipefail; run=$$($(BIN)/python train.py experiment=$(SUMMARIZE_EXPERIMENT) $(ARGS) \
-	    | tee /dev/stderr | sed -n 's/^run folder: //p'); \
-	$(BIN)/python evaluate.py run=$$run
+	$(call train_and_evaluate,$(SUMMARIZE_EXPERIMENT))
 
 agent-taskmaster4: install  ## Taskmaster-4 agent: train, then generate and score every test turn
-	@set -eo pipefail; run=$$($(BIN)/python train.py experiment=agent_taskmaster4 $(ARGS) \
-	    | tee /dev/stderr | sed -n 's/^run folder: //p'); \
-	$(BIN)/python evaluate.py run=$$run
+	$(call train_and_evaluate,agent_taskmaster4)
 
 # AGENT=<run folder of make agent-taskmaster4>: the reward model starts from it.
 rerank-taskmaster4: install  ## reward model from AGENT=<run>, then best-of-4 vs greedy on test
 	@test -n "$(AGENT)" || { echo "error: pass AGENT=<agent run folder> (make \
 	agent-taskmaster4 prints it)" >&2; exit 2; }
-	@set -eo pipefail; reward=$$($(BIN)/python train.py experiment=reward_taskmaster4 \
-	    task.init_from=$(AGENT) $(ARGS) | tee /dev/stderr | sed -n 's/^run folder: //p'); \
-	$(BIN)/python evaluate.py run=$$reward; \
-	$(BIN)/python evaluate.py run=$(AGENT) num_candidates=4 rerank=$$reward
+	@set -eo pipefail; runs=$$($(BIN)/python train.py experiment=reward_taskmaster4 \
+	    task.init_from=$(AGENT) $(SEED_SWEEP) $(ARGS) | tee /dev/stderr \
+	    | sed -n 's/^run folder: //p'); \
+	for run in $$runs; do $(BIN)/python evaluate.py run=$$run $(EVAL_ARGS); \
+	    $(BIN)/python evaluate.py run=$(AGENT) num_candidates=4 rerank=$$run $(EVAL_ARGS); done; \
+	$(COMPARE_SEEDS)
 
 # docs/interpret.md's pictures, redrawn from the recipes' run folders.
 interpret-examples: install  ## docs/interpret.md's pictures from SST2_RUN=<run> and MT_RUN=<run>
@@ -81,26 +96,27 @@ interpret-examples: install  ## docs/interpret.md's pictures from SST2_RUN=<run>
 
 # Reproductions: each an experiment= config; results and commands in docs/experiments.md.
 nanogpt-cpu: install  ## nanoGPT's Shakespeare-char CPU recipe (nanoGPT: val loss 1.88; ~3 min)
-	$(BIN)/python train.py experiment=nanogpt_shakespeare_char_cpu $(ARGS)
+	$(BIN)/python train.py experiment=nanogpt_shakespeare_char_cpu $(SEED_SWEEP) $(ARGS)
 
 nanogpt-gpu: install  ## nanoGPT's Shakespeare-char GPU recipe (nanoGPT: 1.4697; needs a GPU)
-	$(BIN)/python train.py experiment=nanogpt_shakespeare_char $(ARGS)
+	$(BIN)/python train.py experiment=nanogpt_shakespeare_char $(SEED_SWEEP) $(ARGS)
 
 gpt1-ablation: install  ## GPT-1 Table 5 on SST-2: pretrain once, 3 variants x 3 seeds
-	$(BIN)/python train.py experiment=gpt1_ablation $(ARGS)
+	$(BIN)/python train.py experiment=gpt1_ablation $(SEED_SWEEP) $(ARGS)
 
 gpt1-layers: install  ## GPT-1 figure 2: SST-2 accuracy against pretrained layers transferred
-	$(BIN)/python train.py experiment=gpt1_layers $(ARGS)
+	$(BIN)/python train.py experiment=gpt1_layers $(SEED_SWEEP) $(ARGS)
 
 scaling: install  ## loss against model size and against tokens, with power-law fits
-	$(BIN)/python train.py experiment=scaling $(ARGS)
-	$(BIN)/python train.py experiment=scaling_tokens $(ARGS)
+	$(BIN)/python train.py experiment=scaling $(SEED_SWEEP) $(ARGS)
+	$(BIN)/python train.py experiment=scaling_tokens $(SEED_SWEEP) $(ARGS)
 
 # The sweep, then every run scored on test2016 and the sweep's comparison redrawn with those.
 seq2seq-architectures: install  ## decoder-only vs encoder-decoder on Multi30k, 2 seeds each
-	@set -eo pipefail; runs=$$($(BIN)/python train.py experiment=seq2seq_architectures $(ARGS) \
+	@set -eo pipefail; runs=$$($(BIN)/python train.py experiment=seq2seq_architectures \
+	    $(SEED_SWEEP) $(ARGS) \
 	    | tee /dev/stderr | sed -n 's/^run folder: //p'); \
-	for run in $$runs; do $(BIN)/python evaluate.py run=$$run; done; \
+	for run in $$runs; do $(BIN)/python evaluate.py run=$$run $(EVAL_ARGS); done; \
 	$(BIN)/python -m gptlab.reporting.compare "$$(dirname "$$(echo "$$runs" | head -n 1)")" \
 	    --curves val/chrf val/loss
 

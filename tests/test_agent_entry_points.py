@@ -76,7 +76,9 @@ def test_evaluate_generates_every_test_turn_greedy_and_best_of_n(agent_run, rewa
     assert "every agent turn generated after the true history" in out
     table = out[out.index("decoding"):]
     assert "\ngreedy " in table and "\nbest of 2 " in table
-    report = json.loads(next(agent_run.glob("evaluation-*-test.json")).read_text())
+    # Named by its decoding, so the greedy evaluation's report stays.
+    (path,) = agent_run.glob(f"evaluation-*-test-best_of_2-t0.8-{reward_run.name}.json")
+    report = json.loads(path.read_text())
     turns = report["turns"]
     assert set(turns) == {"test", "test_best_of_2"}
     assert len(turns["test"]) == len(turns["test_best_of_2"]) > 100

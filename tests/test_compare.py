@@ -110,10 +110,14 @@ def test_evaluate_reports_become_columns_and_further_metrics_get_curves(tmp_path
         (run / "evaluation-last-test.json").write_text('{"test/bleu": 1.0}')
         os.utime(run / "evaluation-last-test.json", (1, 1))  # older: the next one wins
         (run / "evaluation-best-step000019-test.json").write_text(
-            json.dumps({"checkpoint": "x", "test/bleu": score, "test/chrf": 50.0,
-                        "hypotheses": ["a"]}))
+            json.dumps({"checkpoint": "x", "split": "test", "test/bleu": score,
+                        "test/chrf": 50.0, "hypotheses": ["a"]}))
+        # Newest, but another decoding: only the figures it names apart count.
+        (run / "evaluation-best-step000019-test-beam1.json").write_text(
+            json.dumps({"split": "test", "test/bleu": 0.5, "test_best_of_4/bleu": 7.0}))
     rows = compare([str(tmp_path)], out=tmp_path, curves=["val/chrf"])
     assert [row["test/bleu"] for row in rows] == list(bleu.values())
+    assert [row["test_best_of_4/bleu"] for row in rows] == [7.0] * 4
     assert "test/chrf" in (tmp_path / "comparison.md").read_text()
     with open(tmp_path / "comparison_by_setting.csv") as f:
         by_setting = {row["setting"]: row for row in csv.DictReader(f)}

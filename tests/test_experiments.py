@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import json
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -217,3 +219,32 @@ def test_seq2seq_architectures_trains_both_architectures_and_compares_them(works
     assert int(rows[1]["params"]) == pytest.approx(int(rows[0]["params"]), rel=0.005)
     for name in ("val_curves.png", "val_chrf_curves.png", "val_loss_curves.png"):
         assert (sweep / name).is_file(), name
+
+
+def make(*args: str) -> subprocess.CompletedProcess:
+    """A make target with this interpreter's environment, without (re)installing .venv."""
+    return subprocess.run(["make", "-o", ".venv/.installed", f"BIN={Path(sys.executable).parent}",
+                           *args], cwd=REPO, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_a_recipe_with_seeds_trains_evaluates_and_averages_every_seed(workspace):
+    """make <recipe> SEEDS=1,2: a run per seed, each scored by evaluate.py, then the figures'
+    mean and spread over the seeds printed and written beside the runs."""
+    args = [*workspace.args, *FAST, "logger=csv", "task.max_new_tokens=4"]
+    proc = make("translate-multi30k", "SEEDS=1,2", f"ARGS={' '.join(args)}",
+                "EVAL_ARGS=trainer.limit_val_batches=1")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    runs = run_folders(proc.stderr)  # train.py's output, teed to standard error
+    assert [yaml.safe_load((run / ".hydra" / "config.yaml").read_text())["seed"]
+            for run in runs] == [1, 2]
+    (setting,) = table(runs[0].parent / "comparison_by_setting.csv")
+    assert setting["setting"] == "(all runs)" and setting["runs"] == "2"
+    bleu = [final_evaluation(run, "test/bleu") for run in runs]
+    assert float(setting["test/bleu mean"]) == pytest.approx(statistics.fmean(bleu), abs=1e-3)
+    assert "| (all runs) | 2 |" in proc.stdout and " ± " in proc.stdout
+
+
+def final_evaluation(run: Path, name: str) -> float:
+    (report,) = run.glob("evaluation-*-test.json")
+    return json.loads(report.read_text())[name]

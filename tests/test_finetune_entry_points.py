@@ -81,7 +81,7 @@ def test_seq2seq_trains_evaluates_on_test2016_and_translates(seq2seq_run, tmp_pa
     out = run_entry("evaluate.py", f"run={run}", "trainer.limit_val_batches=1", "beam_size=2")
     assert "test: BLEU" in out and "chrF++" in out and "beam 2" in out
     assert "sacreBLEU nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:" in out
-    report = json.loads(next(run.glob("evaluation-best-*-test.json")).read_text())
+    report = json.loads(next(run.glob("evaluation-best-*-test-beam2.json")).read_text())
     assert len(report["hypotheses"]) == 8 and "nw:0" in report["signatures"]["chrf"]
     (tmp_path / "in.txt").write_text("A man is riding a bike .\nTwo dogs play .\n")
     out = run_entry("generate.py", f"run={run}", f"input_file={tmp_path / 'in.txt'}",
@@ -115,7 +115,7 @@ def test_an_encoder_decoder_summarizes_emails_with_rouge_and_a_lead_baseline(sum
     for row in ("model vs target", "model vs annotations (best)", "vs target",
                 "vs annotations", "target vs annotations", "beam 3", "Porter stemmer"):
         assert row in out, row
-    report = json.loads(next(run.glob("evaluation-best-*-test.json")).read_text())
+    report = json.loads(next(run.glob("evaluation-best-*-test-beam3.json")).read_text())
     assert len(report["hypotheses"]) == 8 and "test/rouge1_ann" in report
     assert any(name.startswith("lead-") for name in report["reference_points"])
     email = "Please find attached the gas prices for May. Call me if you have questions."

@@ -353,7 +353,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         task.eval_prefix = prefix
         results |= _metrics(trainer.validate(task, dataloaders=loader, verbose=False))
     print("\n" + task.report(results, split))
-    out = _evaluation_file(ckpt, split)
+    out = _evaluation_file(ckpt, split, _report_variant(cfg, task))
     report = {"checkpoint": str(ckpt.path), "split": split, **results,
               **task.evaluation_details()}
     write_atomic(out, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
@@ -382,9 +382,24 @@ def _evaluation_data(cfg: DictConfig, ckpt: Checkpoint):
     return instantiate(data_cfg, tokenizer=ckpt.tokenizer)
 
 
-def _evaluation_file(ckpt: Checkpoint, split: str) -> Path:
+def _evaluation_file(ckpt: Checkpoint, split: str, variant: str = "") -> Path:
     folder = ckpt.run_dir or ckpt.path.parent
-    return folder / f"evaluation-{ckpt.path.stem}-{split}.json"
+    return folder / f"evaluation-{ckpt.path.stem}-{split}{variant}.json"
+
+
+def _report_variant(cfg: DictConfig, task: GPTTask) -> str:
+    """What sets a report apart from the run's default evaluation, for its file name, so that
+    evaluating on other data, with another beam or best-of-n keeps the earlier reports: ''
+    for the default, else e.g. '-beam1' or '-best_of_4-t0.3-<reward run folder name>'."""
+    parts = []
+    if cfg.get("data"):
+        parts.append(f"data_{cfg.data.get('name', 'other')}")
+    if cfg.get("beam_size") and "beam_size" in task.hparams:
+        parts.append(f"beam{cfg.beam_size}")
+    if cfg.get("rerank"):
+        parts.append(f"best_of_{cfg.num_candidates}-t{cfg.temperature:g}-"
+                     f"{Path(str(cfg.rerank)).name}")
+    return "".join(f"-{part}" for part in parts)
 
 
 def _device(name: str) -> torch.device:

@@ -11,7 +11,8 @@ Every multirun ends with this comparison in its sweep folder (hydra.callbacks.co
   value during training, and the whole-split scores of the best checkpoint (val_full/*) and
   of the last weights (val_last/*); a `reference` column when the runs' configs carry a
   published figure; and the figures of the runs' evaluate.py reports (evaluation-*.json, e.g.
-  test/bleu), the newest report winning where two give the same figure.
+  test/bleu), the newest report winning where two give the same figure; a report of another
+  decoding (beam_size=..., best-of-n) adds only its own figures (test_best_of_4/...).
 - comparison_by_setting.md / .csv, when runs repeat a setting with other seeds: mean and
   standard deviation over the seeds.
 - val_curves.png: the validation curves against step, tokens and wall time; with --curves,
@@ -132,11 +133,19 @@ def load_run(folder: Path) -> Run:
 
 
 def evaluations(folder: Path) -> dict[str, float]:
-    """The figures (e.g. test/bleu) of the run's evaluate.py reports, newest last."""
+    """The figures (e.g. test/bleu) of the run's evaluate.py reports, newest last.
+
+    A report of another decoding than the run's own (evaluate.py beam_size=..., or best-of-n:
+    a name such as evaluation-last-test-beam1.json) gives only the figures it names apart
+    (test_best_of_4/...), so `test/bleu` is always the run's own decoding's."""
     figures = {}
-    for report in sorted(folder.glob("evaluation-*.json"), key=lambda p: p.stat().st_mtime):
-        figures |= {name: value for name, value in json.loads(report.read_text()).items()
-                    if "/" in name and isinstance(value, int | float)}
+    for path in sorted(folder.glob("evaluation-*.json"), key=lambda p: p.stat().st_mtime):
+        report = json.loads(path.read_text())
+        split = report.get("split")
+        own_decoding = split is None or path.stem.endswith(f"-{split}")
+        figures |= {name: value for name, value in report.items()
+                    if "/" in name and isinstance(value, int | float)
+                    and (own_decoding or not name.startswith(f"{split}/"))}
     return figures
 
 
