@@ -28,6 +28,7 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn.functional as F
+from interleave import interleaved  # bench/interleave.py
 
 from gptlab.data.documents import KnownFile
 from gptlab.data.lm_datamodule import LMDataModule, RandomWindows
@@ -122,13 +123,7 @@ def main() -> None:
         if args.nanogpt:
             make = load_nanogpt(args.nanogpt)
             variants["nanogpt"] = lambda: plain_loop(make(dm.vocab_size), dm, args.steps, True)
-        times = {name: [] for name in variants}
-        names = list(variants)
-        for r in range(args.rounds):
-            for name in names[r % len(names):] + names[:r % len(names)]:  # rotate the order
-                times[name].append(variants[name]())
-            print(f"round {r + 1}/{args.rounds}: " + ", ".join(
-                f"{n} {t[-1] * 1e3:.1f} ms" for n, t in times.items()), flush=True)
+        times = interleaved(variants, args.rounds)
     report(times, out)
 
 
