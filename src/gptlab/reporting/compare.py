@@ -12,7 +12,8 @@ Every multirun ends with this comparison in its sweep folder (hydra.callbacks.co
   of the last weights (val_last/*); a `reference` column when the runs' configs carry a
   published figure; and the figures of the runs' evaluate.py reports (evaluation-*.json, e.g.
   test/bleu), the newest report winning where two give the same figure; a report of another
-  decoding (beam_size=..., best-of-n) adds only its own figures (test_best_of_4/...).
+  decoding or data (beam_size=..., best-of-n, data=...) adds only the figures it names
+  apart (test_best_of_4/...).
 - comparison_by_setting.md / .csv, when runs repeat a setting with other seeds: mean and
   standard deviation over the seeds.
 - val_curves.png: the validation curves against step, tokens and wall time; with --curves,
@@ -135,9 +136,9 @@ def load_run(folder: Path) -> Run:
 def evaluations(folder: Path) -> dict[str, float]:
     """The figures (e.g. test/bleu) of the run's evaluate.py reports, newest last.
 
-    A report of another decoding than the run's own (evaluate.py beam_size=..., or best-of-n:
-    a name such as evaluation-last-test-beam1.json) gives only the figures it names apart
-    (test_best_of_4/...), so `test/bleu` is always the run's own decoding's."""
+    A report of another decoding or data than the run's own (evaluate.py beam_size=...,
+    best-of-n or data=...: a name such as evaluation-last-test-beam1.json) gives only the
+    figures it names apart (test_best_of_4/...), so `test/bleu` is always the run's own."""
     figures = {}
     for path in sorted(folder.glob("evaluation-*.json"), key=lambda p: p.stat().st_mtime):
         report = json.loads(path.read_text())
