@@ -34,17 +34,19 @@ install: $(VENV)/.installed  ## create .venv and install gptlab with its depende
 # spread over the seeds (comparison_by_setting.md in the sweep folder). Recipes that already
 # sweep seeds (gpt1-ablation, gpt1-layers, seq2seq-architectures) take SEEDS instead of theirs.
 SEED_SWEEP = $(if $(SEEDS),hydra.mode=MULTIRUN seed=$(SEEDS))
-# After evaluate.py has added its test figures to the runs: the sweep's comparison again.
-COMPARE_SEEDS = $(if $(SEEDS),$(BIN)/python -m gptlab.reporting.compare \
-	"$$(dirname "$$(echo "$$runs" | head -n 1)")")
+# $(call compare_sweep,compare options): when train.py printed several run folders ($$runs),
+# the sweep's comparison again, now with the test figures that evaluate.py added.
+compare_sweep = set -- $$runs; if [ -n "$$2" ]; then \
+	$(BIN)/python -m gptlab.reporting.compare "$$(dirname "$$1")" $(1); fi
 
-# $(call train_and_evaluate,experiment): train (one run, or one per seed), then evaluate.py on
-# every run folder that train.py printed. ARGS go to train.py, EVAL_ARGS to evaluate.py.
+# $(call train_and_evaluate,experiment[,compare options]): train (one run, or a sweep), then
+# evaluate.py on every run folder that train.py printed, then compare a sweep's runs.
+# ARGS go to train.py, EVAL_ARGS to evaluate.py.
 define train_and_evaluate
 @set -eo pipefail; runs=$$($(BIN)/python train.py experiment=$(1) $(SEED_SWEEP) $(ARGS) \
     | tee /dev/stderr | sed -n 's/^run folder: //p'); \
 for run in $$runs; do $(BIN)/python evaluate.py run=$$run $(EVAL_ARGS); done; \
-$(COMPARE_SEEDS)
+$(call compare_sweep,$(2))
 endef
 
 train: install  ## prepare Tiny Shakespeare and train the default model (SEEDS=1,2,3: a sweep)
@@ -83,7 +85,7 @@ rerank-taskmaster4: install  ## reward model from AGENT=<run>, then best-of-4 vs
 	    | sed -n 's/^run folder: //p'); \
 	for run in $$runs; do $(BIN)/python evaluate.py run=$$run $(EVAL_ARGS); \
 	    $(BIN)/python evaluate.py run=$(AGENT) num_candidates=4 rerank=$$run $(EVAL_ARGS); done; \
-	$(COMPARE_SEEDS)
+	$(call compare_sweep)
 
 # docs/interpret.md's pictures, redrawn from the recipes' run folders.
 interpret-examples: install  ## docs/interpret.md's pictures from SST2_RUN=<run> and MT_RUN=<run>
@@ -113,12 +115,7 @@ scaling: install  ## loss against model size and against tokens, with power-law 
 
 # The sweep, then every run scored on test2016 and the sweep's comparison redrawn with those.
 seq2seq-architectures: install  ## decoder-only vs encoder-decoder on Multi30k, 2 seeds each
-	@set -eo pipefail; runs=$$($(BIN)/python train.py experiment=seq2seq_architectures \
-	    $(SEED_SWEEP) $(ARGS) \
-	    | tee /dev/stderr | sed -n 's/^run folder: //p'); \
-	for run in $$runs; do $(BIN)/python evaluate.py run=$$run $(EVAL_ARGS); done; \
-	$(BIN)/python -m gptlab.reporting.compare "$$(dirname "$$(echo "$$runs" | head -n 1)")" \
-	    --curves val/chrf val/loss
+	$(call train_and_evaluate,seq2seq_architectures,--curves val/chrf val/loss)
 
 # pytest-xdist workers, each with one thread (tests/conftest.py). CI runs both targets.
 TEST_WORKERS ?= 2

@@ -91,17 +91,21 @@ def peak_memory_mb(proc: subprocess.Popen) -> dict[str, float]:
     return {f"peak_{name}_mb": value / 2**20 for name, value in peaks.items()}
 
 
-def run_once(corpus: Path, cache: Path, num_proc: int, args: argparse.Namespace) -> dict:
-    job = {"corpus": str(corpus), "cache": str(cache), "num_proc": num_proc,
-           "tokenizer": args.tokenizer, "vocab_size": args.vocab_size}
+def bench_job(tmp: Path, num_proc: int, args: argparse.Namespace) -> dict:
+    """One preparation of the corpus in tmp, into its own cache folder."""
+    return {"corpus": str(tmp / "corpus"), "cache": str(tmp / f"cache-{num_proc}"),
+            "num_proc": num_proc, "tokenizer": args.tokenizer, "vocab_size": args.vocab_size}
+
+
+def run_once(job: dict) -> dict:
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(job)],
                             stdout=subprocess.PIPE, text=True)
     peaks = peak_memory_mb(proc)
     out = proc.stdout.read()
     if proc.wait() != 0:
-        raise SystemExit(f"preparation with {num_proc} process(es) failed")
-    return {"num_proc": num_proc, "seconds": time.perf_counter() - start, **peaks,
+        raise SystemExit(f"preparation with {job['num_proc']} process(es) failed")
+    return {"num_proc": job["num_proc"], "seconds": time.perf_counter() - start, **peaks,
             **json.loads(out.strip().splitlines()[-1])}
 
 
@@ -115,7 +119,7 @@ def datamodule(name: str, source, cache: Path, tokenizer: str, vocab_size: int,
 
 def bench_datamodule(job: dict) -> LMDataModule:
     return datamodule("bench", TextFiles([f"{job['corpus']}/*.txt"]), Path(job["cache"]),
-                      job["tokenizer"], job["vocab_size"], job.get("num_proc"))
+                      job["tokenizer"], job["vocab_size"], job["num_proc"])
 
 
 def child(job: dict) -> None:
@@ -128,7 +132,7 @@ def child(job: dict) -> None:
 def train_speed(job: dict, tmp: Path, args: argparse.Namespace) -> dict:
     """Training tokens/s from the prepared corpus and from Tiny Shakespeare, interleaved."""
     corpora = {
-        "generated corpus": bench_datamodule(job),  # the cache prepared last: no re-preparation
+        "generated corpus": bench_datamodule(job),  # a prepared cache: no re-preparation
         "Tiny Shakespeare": datamodule("shakespeare", KnownFile("tinyshakespeare/input.txt"),
                                        tmp / "cache-shakespeare", args.tokenizer,
                                        args.vocab_size),
@@ -164,14 +168,11 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory(prefix="prepare-speed-") as tmp:
         corpus_bytes = write_corpus(Path(tmp) / "corpus", args.size_mb, args.files)
-        runs = [run_once(Path(tmp) / "corpus", Path(tmp) / f"cache-{n}", n, args)
-                for n in map(int, args.procs.split(","))]
+        runs = [run_once(bench_job(Path(tmp), n, args)) for n in map(int, args.procs.split(","))]
         training = {}
-        if args.train_rounds:
-            last = {"corpus": str(Path(tmp) / "corpus"), "tokenizer": args.tokenizer,
-                    "cache": str(Path(tmp) / f"cache-{runs[-1]['num_proc']}"),
-                    "vocab_size": args.vocab_size}
-            training = train_speed(last, Path(tmp), args)
+        if args.train_rounds:  # from the cache prepared last
+            training = train_speed(bench_job(Path(tmp), runs[-1]["num_proc"], args), Path(tmp),
+                                   args)
     if any({k: v for k, v in r.items() if k in ("train", "val")} !=
            {k: v for k, v in runs[0].items() if k in ("train", "val")} for r in runs):
         raise SystemExit(f"the process counts gave different tokens: {runs}")

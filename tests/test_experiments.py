@@ -30,6 +30,12 @@ def table(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def make(*args: str) -> subprocess.CompletedProcess:
+    """A make target with this interpreter's environment, without (re)installing .venv."""
+    return subprocess.run(["make", "-o", ".venv/.installed", f"BIN={Path(sys.executable).parent}",
+                           *args], cwd=REPO, capture_output=True, text=True, timeout=900)
+
+
 def final(run: Path, name: str) -> float:
     return json.loads((run / "results.json").read_text())[name]
 
@@ -204,10 +210,13 @@ def test_every_single_run_experiment_runs_with_debug_fast(workspace):
 
 @pytest.mark.slow
 def test_seq2seq_architectures_trains_both_architectures_and_compares_them(workspace):
-    """Both rows through the real sweep, under DDP on two CPU processes (hardware=ddp_cpu)."""
-    out = run_entry("train.py", "experiment=seq2seq_architectures", *workspace.args, *FAST,
-                    "logger=csv", "hardware=ddp_cpu", "seed=1", "task.max_new_tokens=4")
-    runs = sweep_runs(out)
+    """Both rows through the real sweep (make's target: train, evaluate, compare), under DDP
+    on two CPU processes (hardware=ddp_cpu)."""
+    args = [*workspace.args, *FAST, "logger=csv", "hardware=ddp_cpu", "task.max_new_tokens=4"]
+    proc = make("seq2seq-architectures", "SEEDS=1", f"ARGS={' '.join(args)}",
+                "EVAL_ARGS=trainer.limit_val_batches=1")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    runs = sweep_runs(proc.stderr)  # train.py's output, teed to standard error
     architectures = [json.loads((run / "model_config.json").read_text())["architecture"]
                      for run in runs]
     assert architectures == ["decoder_only", "encoder_decoder"]
@@ -219,12 +228,7 @@ def test_seq2seq_architectures_trains_both_architectures_and_compares_them(works
     assert int(rows[1]["params"]) == pytest.approx(int(rows[0]["params"]), rel=0.005)
     for name in ("val_curves.png", "val_chrf_curves.png", "val_loss_curves.png"):
         assert (sweep / name).is_file(), name
-
-
-def make(*args: str) -> subprocess.CompletedProcess:
-    """A make target with this interpreter's environment, without (re)installing .venv."""
-    return subprocess.run(["make", "-o", ".venv/.installed", f"BIN={Path(sys.executable).parent}",
-                           *args], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert "test/bleu" in rows[0]  # redrawn after evaluate.py
 
 
 @pytest.mark.slow
