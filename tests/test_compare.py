@@ -98,6 +98,22 @@ def test_runs_of_different_tasks_are_not_mixed(tmp_path, capsys):
     assert "different metrics (val/acc, val/loss)" in capsys.readouterr().err
 
 
+def test_the_machine_of_each_run_is_a_column_and_a_mix_is_warned_of(tmp_path, capsys):
+    machines = [["AMD EPYC (2 threads, no native bf16); 32-true; torch 2.13.0"],
+                ["AMD EPYC (2 threads, no native bf16); 32-true; torch 2.13.0",  # resumed
+                 "Intel Xeon (2 threads, amx_bf16); bf16-mixed; torch 2.13.0"]]
+    for i, descriptions in enumerate(machines):
+        run = fake_run(tmp_path / str(i), [f"seed={i}"])
+        (run / "machine.json").write_text(json.dumps([{"description": d} for d in descriptions]))
+    rows = compare([str(tmp_path)], out=tmp_path)
+    assert [row["machine"] for row in rows] == [" + ".join(d) for d in machines]
+    assert "Intel Xeon (2 threads, amx_bf16)" in (tmp_path / "comparison.md").read_text()
+    assert "trained on 2 machines" in capsys.readouterr().err
+    (tmp_path / "1" / "machine.json").unlink()  # a run from before machine.json: no warning
+    assert compare([str(tmp_path)], out=tmp_path)[1]["machine"] is None
+    assert "machines" not in capsys.readouterr().err
+
+
 def test_evaluate_reports_become_columns_and_further_metrics_get_curves(tmp_path):
     bleu = {("decoder_only", "1"): 30.0, ("decoder_only", "2"): 32.0,
             ("encoder_decoder", "1"): 34.0, ("encoder_decoder", "2"): 35.0}

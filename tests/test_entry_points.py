@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from gptlab import hardware
 from gptlab.reporting.compare import compare
 from tests.conftest import metrics_column, run_entry, run_folder, run_folders, wandb_records
 
@@ -25,6 +26,9 @@ def test_train_writes_a_complete_run_folder(trained_runs):
     results = json.loads((run / "results.json").read_text())
     assert results["steps"] == 6
     assert f"run folder: {run}" in out and "val_full/loss" in out
+    (machine,) = json.loads((run / "machine.json").read_text())  # where its figures came from
+    assert machine["precision"] == "32-true" and machine["processes"] == 1
+    assert f"machine: {machine['description']}" in out
 
 
 def test_runs_started_together_get_their_own_folders_and_same_seed_same_curve(trained_runs):
@@ -52,6 +56,7 @@ def test_evaluate_reproduces_the_logged_val_loss(trained_runs, tmp_path):
     assert written["val_full/loss"] == pytest.approx(results["val_full/loss"], abs=1e-4)
     assert written["val_full/ppl"] == pytest.approx(math.exp(written["val_full/loss"]), rel=1e-4)
     assert "whole split" in out and "val_full" in out
+    assert f"machine: {written['machine']}" in out and hardware.cpu_model() in written["machine"]
 
 
 def test_generate_prints_samples_that_continue_the_prompt(trained_runs, tmp_path):

@@ -144,6 +144,19 @@ def test_auto_precision_chooses_bf16_only_where_native_and_faster(monkeypatch, f
     assert hardware.resolve_precision("32-true", "cpu", times.__getitem__)[0] == "32-true"
 
 
+def test_the_machine_is_described_in_one_line(monkeypatch):
+    monkeypatch.setattr(hardware, "cpu_model", lambda: "Intel Xeon 8480")
+    monkeypatch.setattr(hardware, "cpu_bf16_feature", lambda: "amx_bf16")
+    info = hardware.machine("cpu", "bf16-mixed", processes=2)
+    assert info["threads"] == torch.get_num_threads() and info["torch"] == torch.__version__
+    assert hardware.describe_machine(info) == (
+        f"Intel Xeon 8480 ({info['threads']} threads, amx_bf16) x 2 processes; bf16-mixed; "
+        f"torch {torch.__version__}")
+    gpu = info | {"gpu": "NVIDIA H100", "processes": 1}
+    assert hardware.describe_machine(gpu).startswith("NVIDIA H100; bf16-mixed; torch ")
+    assert hardware.cpu_model()  # the real one: never empty
+
+
 def test_the_step_timer_leaves_the_run_unchanged():
     task = LanguageModelingTask({"vocab_size": 16, "block_size": 8, "n_layer": 1, "n_head": 1,
                                  "n_embd": 8, "dropout": 0.1}, {"lr": 1e-3},

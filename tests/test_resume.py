@@ -101,6 +101,7 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_rows(kind, workspac
     out = run_entry("train.py", f"resume={folder}", *args)
     assert run_folder(out) == folder  # the same folder, not a new one
     assert metric_rows(folder) == metric_rows(whole)
+    assert len(json.loads((folder / "machine.json").read_text())) == 1  # same machine: once
     results = [json.loads((run / "results.json").read_text()) for run in (whole, folder)]
     for name in ("val/loss", "val_full/loss", "val_last/loss", "val/acc", "steps"):
         assert results[0].get(name) == results[1].get(name)

@@ -1,4 +1,5 @@
-"""What the hardware configs leave to the machine: the training precision and TF32 matmuls.
+"""What the hardware configs leave to the machine: the training precision and TF32 matmuls,
+and the description of the machine that every run and evaluation records beside its figures.
 
 `trainer.precision: auto` (hardware=auto and hardware=cpu) is resolved here, at the start of
 a run, because the answer depends on the machine and on the model:
@@ -12,6 +13,7 @@ The choice and its reason are printed at the start of the run.
 from __future__ import annotations
 
 import logging
+import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -37,6 +39,40 @@ def cpu_bf16_feature() -> str | None:
     flags = next((line.split(":", 1)[1].split() for line in text.splitlines()
                   if line.startswith("flags")), [])
     return next((flag for flag in NATIVE_BF16_FLAGS if flag in flags), None)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else what the platform module reports."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = ""
+    names = [line.split(":", 1)[1].strip() for line in text.splitlines()
+             if line.startswith("model name")]
+    return names[0] if names else platform.processor() or platform.machine()
+
+
+def machine(accelerator: str, precision: str, processes: int = 1) -> dict:
+    """What a run's speed, and through its arithmetic its figures, depend on: the processor
+    (CPU model, threads, native bf16; the GPU where one trains), the number of processes,
+    the precision and torch's version."""
+    info = {"cpu": cpu_model(), "threads": torch.get_num_threads(),
+            "native_bf16": cpu_bf16_feature(), "processes": processes,
+            "precision": str(precision), "torch": torch.__version__}
+    if on_gpu(accelerator):
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def describe_machine(info: dict) -> str:
+    """One line, e.g. 'AMD EPYC (2 threads, no native bf16); 32-true; torch 2.13.0+cpu'."""
+    processes = f" x {info['processes']} processes" if info["processes"] > 1 else ""
+    if info.get("gpu"):
+        where = f"{info['gpu']}{processes}"
+    else:
+        bf16 = info["native_bf16"] or "no native bf16"
+        where = f"{info['cpu']} ({info['threads']} threads, {bf16}){processes}"
+    return f"{where}; {info['precision']}; torch {info['torch']}"
 
 
 def on_gpu(accelerator: str) -> bool:

@@ -108,6 +108,8 @@ def _train(cfg: DictConfig) -> float | None:
             _define_wandb_summaries(logger, task)
     if trainer.is_global_zero:
         _save_run_files(run_dir, task)
+        _record_machine(run_dir, hardware.machine(cfg.trainer.accelerator, precision,
+                                                  trainer.world_size))
 
     try:
         trainer.fit(task, datamodule=datamodule, ckpt_path=resume and resume.path,
@@ -307,6 +309,16 @@ def _save_run_files(run_dir: Path, task: GPTTask) -> None:
     write_atomic(run_dir / "model_config.json", json.dumps(task.hparams.model_config, indent=2))
 
 
+def _record_machine(run_dir: Path, info: dict) -> None:
+    """Add the machine this run trains on to machine.json (a list: a resumed run may move)."""
+    info = info | {"description": hardware.describe_machine(info)}
+    print(f"machine: {info['description']}", flush=True)
+    path = run_dir / "machine.json"
+    machines = json.loads(path.read_text()) if path.is_file() else []
+    if info not in machines:
+        write_atomic(path, json.dumps(machines + [info], indent=2) + "\n")
+
+
 def _report_training(task: GPTTask, results: dict, metric: str, run_dir: Path) -> None:
     write_atomic(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
     parts = [f"{prefix}/{name} {results[f'{prefix}/{name}']:.4f}"
@@ -352,9 +364,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     for prefix, loader in task.evaluation_passes(datamodule, split):
         task.eval_prefix = prefix
         results |= _metrics(trainer.validate(task, dataloaders=loader, verbose=False))
-    print("\n" + task.report(results, split))
+    machine = hardware.describe_machine(hardware.machine(cfg.trainer.accelerator, precision))
+    print("\n" + task.report(results, split) + f"\nmachine: {machine}")
     out = _evaluation_file(ckpt, split, _report_variant(cfg, task))
-    report = {"checkpoint": str(ckpt.path), "split": split, **results,
+    report = {"checkpoint": str(ckpt.path), "split": split, "machine": machine, **results,
               **task.evaluation_details()}
     write_atomic(out, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     print(f"written to {out}")

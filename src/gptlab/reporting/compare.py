@@ -10,7 +10,9 @@ Every multirun ends with this comparison in its sweep folder (hydra.callbacks.co
   pretraining, val/acc for classification, val/bleu for text-to-text): its best and final
   value during training, and the whole-split scores of the best checkpoint (val_full/*) and
   of the last weights (val_last/*); a `reference` column when the runs' configs carry a
-  published figure; and the figures of the runs' evaluate.py reports (evaluation-*.json, e.g.
+  published figure; the machine each run trained on (its machine.json: CPU or GPU,
+  threads, precision, torch), with a warning when the runs did not all run on one; and the
+  figures of the runs' evaluate.py reports (evaluation-*.json, e.g.
   test/bleu), the newest report winning where two give the same figure; a report of another
   decoding or data (beam_size=..., best-of-n, data=...) adds only the figures it names
   apart (test_best_of_4/...).
@@ -23,7 +25,8 @@ Every multirun ends with this comparison in its sweep folder (hydra.callbacks.co
   y = a * x^-alpha + c fitted over the points, on a log x axis (scaling laws).
 
 Everything is read from the run folders' own files (.hydra/config.yaml and overrides.yaml,
-csv/metrics.csv, model_config.json), so a crashed run shows what it logged before.
+csv/metrics.csv, model_config.json, machine.json), so a crashed run shows what it logged
+before.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ class Run:
     params: int | None
     config: dict = field(default_factory=dict)
     evaluation: dict[str, float] = field(default_factory=dict)  # evaluate.py's figures
+    machines: list[str] = field(default_factory=list)  # where it trained (resumed: several)
 
     @property
     def metric(self) -> str:
@@ -130,7 +134,10 @@ def load_run(folder: Path) -> Run:
                 for row in csv.DictReader(f)]
     overrides = _yaml(folder / ".hydra" / "overrides.yaml") or []
     config = _yaml(folder / ".hydra" / "config.yaml") or {}
-    return Run(folder, overrides, rows, count_params(folder), config, evaluations(folder))
+    machines = [m["description"] for m in json.loads((folder / "machine.json").read_text())
+                ] if (folder / "machine.json").is_file() else []
+    return Run(folder, overrides, rows, count_params(folder), config, evaluations(folder),
+               machines)
 
 
 def evaluations(folder: Path) -> dict[str, float]:
@@ -200,7 +207,8 @@ def summarize(run: Run, label: str, metric: str) -> dict:
         final_column: run.last(metric),
     } | {column: run.last(column) for column in whole_split}
     reference = (run.config.get("reference") or {}).get(metric)
-    return row | ({"reference": reference} if reference is not None else {})
+    return row | ({"reference": reference} if reference is not None else {}) | {
+        "machine": " + ".join(run.machines) or None}
 
 
 def _cell(column: str, value) -> str:
@@ -423,8 +431,13 @@ def compare(paths: list[str], out: Path | None = None, versus: str | None = None
     rows = [summarize(run, name, metric) | {e: run.evaluation.get(e) for e in evaluated}
             for run, name in zip(runs, names, strict=True)]
     reference = ["reference"] if any("reference" in row for row in rows) else []
-    columns = RUN_COLUMNS + metric_columns(metric) + evaluated + reference
+    columns = RUN_COLUMNS + metric_columns(metric) + evaluated + reference + ["machine"]
     print(write_table(rows, columns, out, "comparison"))
+    machines = sorted({m for run in runs for m in run.machines})
+    if len(machines) > 1:
+        print(f"warning: these runs trained on {len(machines)} machines ({'; '.join(machines)}):"
+              f" wall_s compares only between runs of one machine, and figures can differ "
+              f"with the arithmetic of each", file=sys.stderr)
     written = [out / "comparison.md", out / "comparison.csv"]
     settings = by_setting(runs, rows, metric, evaluated)
     if settings:
