@@ -127,6 +127,20 @@ def test_an_encoder_decoder_summarizes_emails_with_rouge_and_a_lead_baseline(sum
     assert len((tmp_path / "out.txt").read_text().split("\n")) == 3 and "2 lines" in out
 
 
+@pytest.mark.slow
+def test_gap_sentence_pretraining_starts_the_aeslc_summarizer(workspace):
+    small = ("logger=csv", "model.n_embd=32", "model.n_head=2", "model.n_layer=1",
+             "model.n_encoder_layer=1", "data.vocab_size=600", "task.max_new_tokens=4")
+    pretrained = run_folder(run_entry("train.py", "experiment=aeslc_gap_pretrain",
+                                      *workspace.args, *FAST, *small))
+    assert metrics_column(pretrained, "val/rouge1")  # against the principal sentences
+    assert not metrics_column(pretrained, "val/rouge1_ann")  # no annotations: no subjects read
+    run = run_folder(run_entry("train.py", "experiment=summarize_aeslc", *workspace.args,
+                               *FAST, *small, f"task.init_from={pretrained}"))
+    assert (run / "tokenizer.json").read_text() == (pretrained / "tokenizer.json").read_text()
+    assert metrics_column(run, "val/rouge1_ann")
+
+
 def test_classify_and_seq2seq_from_scratch_train_their_own_tokenizer(workspace):
     out = run_entry("train.py", *workspace.args, *FAST, "model=nano", "task=classify",
                     "data=sst2", "data.vocab_size=512", "task.pooling=mean")

@@ -12,7 +12,14 @@ import pytest
 from rouge_score.rouge_scorer import RougeScorer
 
 from gptlab.data import sources
-from gptlab.data.summarization import AESLC, Aeslc, parse_email
+from gptlab.data.summarization import (
+    AESLC,
+    Aeslc,
+    Email,
+    GapSentences,
+    parse_email,
+    principal_sentence,
+)
 from gptlab.data.tokenizers import EOS_TOKEN, SEP_TOKEN, train_tokenizer
 from gptlab.errors import UserError
 from gptlab.models.gpt import GPTConfig
@@ -59,6 +66,34 @@ def test_aeslc_from_the_mirror_has_the_official_splits():
                corpus.annotations(split))
     assert all(body and subject and "\n" not in body for split in corpus.splits
                for body, subject in corpus.examples(split))
+
+
+def test_the_principal_sentence_is_the_lead_sentence_that_the_rest_repeats_most():
+    body = ("Hi Phillip, Please send me the draw file for Bishops Corner. The weather is "
+            "nice. I need the draw file and the vendor list for Bishops Corner by Friday.")
+    assert principal_sentence(body, lead_words=17, target_words=10) == (
+        "Please send me the draw file for Bishops Corner.")
+    assert principal_sentence(body, lead_words=17, target_words=4) == "Please send me the"
+    # The salutation is a sentence of its own, never glued to the first one.
+    assert principal_sentence("Dear all, Gas prices rose. Gas prices rose again.",
+                              lead_words=5, target_words=9) == "Gas prices rose."
+    assert principal_sentence("ok", lead_words=40, target_words=10) == "ok"
+
+
+def test_gap_sentences_hold_out_train_bodies_and_never_read_a_subject():
+    bodies = [f"Hello Bob, The {word} report is late. Send the {word} report today."
+              for word in ("gas", "power", "coal")]
+    source = GapSentences(val_documents=1)
+    source.corpus.emails = lambda split: [Email(b, "SECRET SUBJECT", []) for b in bodies]
+    train, val = source.examples("train"), source.examples("val")
+    assert [body for body, _ in train + val] == bodies and len(val) == 1
+    assert val[0][1] == "The coal report is late."
+    assert all("SECRET" not in target for _, target in train + val)
+    assert source.annotations("val") == [[]]
+    too_many = GapSentences(val_documents=3)
+    too_many.corpus.emails = source.corpus.emails
+    with pytest.raises(UserError, match="val_documents=3 must be between 1 and 2"):
+        too_many.examples("train")
 
 
 def archive(files: dict[str, str], top: str = "AESLC-abc/") -> bytes:

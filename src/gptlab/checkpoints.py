@@ -45,6 +45,7 @@ ALLOWED_TARGETS = frozenset({
     "gptlab.data.synthetic.SyntheticDataModule",
     "gptlab.data.summarization.SummarizationDataModule",
     "gptlab.data.summarization.Aeslc",
+    "gptlab.data.summarization.GapSentences",
     "gptlab.data.dialogue.AgentDataModule",
     "gptlab.data.dialogue.RewardDataModule",
     "gptlab.data.taskmaster.Taskmaster4",

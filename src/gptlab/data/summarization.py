@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from rouge_score.rouge_scorer import RougeScorer
+
 from gptlab.data import sources
 from gptlab.data.finetune import Seq2SeqDataModule
 from gptlab.errors import UserError
@@ -25,6 +27,7 @@ AESLC = sources.RemoteFolder(
     "fe546742ad11630bfb9314ec70a2896ebb1f31cfe1b9edc6604d8d1e2c0f99f8",
     member=f"AESLC-{_COMMIT}/enron_subject_line/",
 )
+_ROUGE1 = RougeScorer(["rouge1"])
 _TAG = re.compile(r"^(@subject|@ann\d)[ \t]*$", re.MULTILINE)
 
 
@@ -75,6 +78,64 @@ class Aeslc:
     def annotations(self, split: str) -> list[list[str]]:
         """The annotators' subjects of each email (none in train)."""
         return [email.annotations for email in self.emails(split)]
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+")
+# An email's salutation ("Hi Phillip,", "Dear all:"): up to 3 words, then a capital.
+_SALUTATION = re.compile(r"^((?:\S+ ){0,2}\S+?[,:])\s+(?=[A-Z])")
+
+
+def principal_sentence(text: str, lead_words: int, target_words: int) -> str:
+    """The sentence of `text`'s first `lead_words` words that shares the most words with the
+    rest of the text (ROUGE-1 F against it, as PEGASUS chooses its gap sentences), cut to
+    `target_words` words. A salutation counts as a sentence of its own."""
+    words = text.split()
+    head = _SALUTATION.sub(r"\1\n", " ".join(words[:lead_words]))
+    sentences = [s for line in head.split("\n") for s in _SENTENCE_END.split(line)
+                 if len(s.split()) >= 2]
+    if not sentences:
+        return " ".join(words[:target_words])
+    context = " ".join(words[: 3 * lead_words])
+    best = max(sentences, key=lambda s: _ROUGE1.score(context.replace(s, " "), s)["rouge1"]
+               .fmeasure)
+    return " ".join(best.split()[:target_words])
+
+
+class GapSentences:
+    """Summaries that unlabeled documents write themselves: PEGASUS's gap-sentence objective
+    (Zhang et al. 2020) in its "Ind-Orig" form, for pretraining an encoder-decoder (or a GPT)
+    on the AESLC train bodies alone before it learns their subjects (task.init_from).
+
+    Source: the body; target: its principal sentence among the first `lead_words` words (the
+    part the summarization recipes read), cut to `target_words`. The sentence stays in the
+    source, so the model learns to find the salient part of a body and copy it. No subject
+    and nothing of dev or test is read: val is the last `val_documents` train bodies.
+    """
+
+    def __init__(self, download_dir: str | None = None, val_documents: int = 500,
+                 lead_words: int = 40, target_words: int = 10):
+        self.corpus, self.val_documents = Aeslc(download_dir), val_documents
+        self.lead_words, self.target_words = lead_words, target_words
+        self._examples: dict[str, list[tuple[str, str]]] = {}
+
+    @property
+    def splits(self) -> list[str]:
+        return ["train", "val"]
+
+    def examples(self, split: str) -> list[tuple[str, str]]:
+        if not self._examples:
+            bodies = [email.body for email in self.corpus.emails("train")]
+            if not 0 < self.val_documents < len(bodies):
+                raise UserError(f"data.source.val_documents={self.val_documents} must be "
+                                f"between 1 and {len(bodies) - 1} (the train bodies)")
+            pairs = [(body, principal_sentence(body, self.lead_words, self.target_words))
+                     for body in bodies]
+            self._examples = {"train": pairs[: -self.val_documents],
+                              "val": pairs[-self.val_documents:]}
+        return self._examples[split]
+
+    def annotations(self, split: str) -> list[list[str]]:
+        return [[] for _ in self.examples(split)]
 
 
 class SummarizationDataModule(Seq2SeqDataModule):
