@@ -149,9 +149,11 @@ def test_the_machine_is_described_in_one_line(monkeypatch):
     monkeypatch.setattr(hardware, "cpu_bf16_feature", lambda: "amx_bf16")
     info = hardware.machine("cpu", "bf16-mixed", processes=2)
     assert info["threads"] == torch.get_num_threads() and info["torch"] == torch.__version__
-    assert hardware.describe_machine(info) == (
-        f"Intel Xeon 8480 ({info['threads']} threads, amx_bf16) x 2 processes; bf16-mixed; "
+    assert hardware.describe_machine(info | {"threads": 2}) == (
+        f"Intel Xeon 8480 (2 threads, amx_bf16) x 2 processes; bf16-mixed; "
         f"torch {torch.__version__}")
+    assert "(1 thread, amx_bf16); bf16" in hardware.describe_machine(info | {"threads": 1,
+                                                                             "processes": 1})
     gpu = info | {"gpu": "NVIDIA H100", "processes": 1}
     assert hardware.describe_machine(gpu).startswith("NVIDIA H100; bf16-mixed; torch ")
     assert hardware.cpu_model()  # the real one: never empty

@@ -71,7 +71,8 @@ def describe_machine(info: dict) -> str:
         where = f"{info['gpu']}{processes}"
     else:
         bf16 = info["native_bf16"] or "no native bf16"
-        where = f"{info['cpu']} ({info['threads']} threads, {bf16}){processes}"
+        threads = f"{info['threads']} thread{'s' if info['threads'] != 1 else ''}"
+        where = f"{info['cpu']} ({threads}, {bf16}){processes}"
     return f"{where}; {info['precision']}; torch {info['torch']}"
 
 
