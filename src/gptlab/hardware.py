@@ -30,26 +30,25 @@ GPU_ACCELERATORS = ("gpu", "cuda", "auto")
 BF16_MIN_SPEEDUP = 1.1
 
 
-def cpu_bf16_feature() -> str | None:
-    """The CPU flag that gives native bf16 matmuls (Linux /proc/cpuinfo), or None."""
+def _cpuinfo(field: str) -> str | None:
+    """The first `field` line's value in Linux's /proc/cpuinfo (None elsewhere)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return None
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines()
-                  if line.startswith("flags")), [])
+    return next((line.split(":", 1)[1].strip() for line in text.splitlines()
+                 if line.startswith(field)), None)
+
+
+def cpu_bf16_feature() -> str | None:
+    """The CPU flag that gives native bf16 matmuls (Linux /proc/cpuinfo), or None."""
+    flags = (_cpuinfo("flags") or "").split()
     return next((flag for flag in NATIVE_BF16_FLAGS if flag in flags), None)
 
 
 def cpu_model() -> str:
     """The CPU's model name (Linux /proc/cpuinfo), else what the platform module reports."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        text = ""
-    names = [line.split(":", 1)[1].strip() for line in text.splitlines()
-             if line.startswith("model name")]
-    return names[0] if names else platform.processor() or platform.machine()
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def machine(accelerator: str, precision: str, processes: int = 1) -> dict:

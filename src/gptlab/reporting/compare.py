@@ -134,10 +134,15 @@ def load_run(folder: Path) -> Run:
                 for row in csv.DictReader(f)]
     overrides = _yaml(folder / ".hydra" / "overrides.yaml") or []
     config = _yaml(folder / ".hydra" / "config.yaml") or {}
-    machines = [m["description"] for m in json.loads((folder / "machine.json").read_text())
-                ] if (folder / "machine.json").is_file() else []
     return Run(folder, overrides, rows, count_params(folder), config, evaluations(folder),
-               machines)
+               machines(folder))
+
+
+def machines(folder: Path) -> list[str]:
+    """Where the run trained (machine.json; several if it resumed elsewhere; none before
+    runs recorded it)."""
+    path = folder / "machine.json"
+    return [m["description"] for m in json.loads(path.read_text())] if path.is_file() else []
 
 
 def evaluations(folder: Path) -> dict[str, float]:
@@ -433,9 +438,9 @@ def compare(paths: list[str], out: Path | None = None, versus: str | None = None
     reference = ["reference"] if any("reference" in row for row in rows) else []
     columns = RUN_COLUMNS + metric_columns(metric) + evaluated + reference + ["machine"]
     print(write_table(rows, columns, out, "comparison"))
-    machines = sorted({m for run in runs for m in run.machines})
-    if len(machines) > 1:
-        print(f"warning: these runs trained on {len(machines)} machines ({'; '.join(machines)}):"
+    used = sorted({m for run in runs for m in run.machines})
+    if len(used) > 1:
+        print(f"warning: these runs trained on {len(used)} machines ({'; '.join(used)}):"
               f" wall_s compares only between runs of one machine, and figures can differ "
               f"with the arithmetic of each", file=sys.stderr)
     written = [out / "comparison.md", out / "comparison.csv"]
