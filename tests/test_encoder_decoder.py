@@ -15,7 +15,12 @@ SHAPE = dict(vocab_size=17, block_size=16, n_layer=2, n_head=2, n_embd=16,
 VARIANTS = [
     dict(pos_emb="learned", norm="layernorm", mlp="gelu"),
     dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu"),
+    dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", pointer_generator=True),
 ]
+
+
+def variant_id(variant: dict) -> str:
+    return variant["pos_emb"] + ("-pointer" if variant.get("pointer_generator") else "")
 
 
 def model(seed: int = 0, **overrides) -> EncoderDecoder:
@@ -32,7 +37,7 @@ def peaked(seed: int = 0, **overrides) -> EncoderDecoder:
     return m
 
 
-@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v["pos_emb"])
+@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
 def test_the_encoder_sees_the_whole_source_and_the_decoder_never_the_future(variant):
     m = model(**variant)
     source = torch.randint(0, 17, (2, 9))
@@ -52,7 +57,7 @@ def test_the_encoder_sees_the_whole_source_and_the_decoder_never_the_future(vari
         assert not torch.allclose(new[:, t + 1], logits[:, t + 1])
 
 
-@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v["pos_emb"])
+@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
 def test_a_padded_source_position_changes_nothing(variant):
     m = model(**variant)
     source = torch.randint(1, 17, (2, 7))
@@ -66,7 +71,7 @@ def test_a_padded_source_position_changes_nothing(variant):
     torch.testing.assert_close(m(source[:1, :4], target[:1])[0], logits[0], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v["pos_emb"])
+@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
 def test_cached_decoding_equals_uncached_and_each_source_alone(variant):
     m = peaked(**variant)
     sources = [[1, 2, 3, 4, 5], [7, 3], [9, 9, 1, 0, 4, 2, 8, 8, 3]]
@@ -103,6 +108,37 @@ def test_cross_attention_is_softmax_of_qk_over_sqrt_dk_times_v():
                                rtol=1e-5, atol=1e-6)
 
 
+def test_the_pointer_generator_mixes_the_vocabulary_with_copies_of_the_source():
+    """P(w) = p_gen softmax(logits)_w + (1 - p_gen) sum_{s: source_s = w} a_s, written out."""
+    m = peaked(pointer_generator=True)
+    source = torch.tensor([[3, 5, 5, 9, 0, 0], [1, 2, 3, 4, 5, 6]])
+    real = torch.tensor([[1, 1, 1, 1, 0, 0], [1] * 6], dtype=torch.bool)
+    target = torch.randint(0, 17, (2, 4))
+    probs = m(source, target, source_mask=real).exp()
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 4))
+    encoded = m.encoder.hidden(source, attention_mask=real)
+    hidden = m.decoder.hidden(target, memory=m.memory(source, real))
+    pointer = m.pointer
+    for b in range(2):
+        positions = real[b].nonzero().flatten().tolist()
+        for t in range(4):
+            h = hidden[b, t]
+            scores = torch.stack([pointer.query(h) @ pointer.key(encoded[b, s]) for s in positions])
+            attention = F.softmax(scores / 16**0.5, dim=0)
+            p_gen = torch.sigmoid(pointer.gate(h))
+            expected = p_gen * F.softmax(m.lm_head(h), dim=0)
+            for s, weight in zip(positions, attention, strict=True):
+                expected[source[b, s]] += (1 - p_gen[0]) * weight
+            torch.testing.assert_close(probs[b, t], expected, rtol=1e-5, atol=1e-6)
+    # A gate shut on the vocabulary leaves only copies: of row 0's real tokens, never of its
+    # padding (token 0).
+    with torch.no_grad():
+        pointer.gate.bias.fill_(-100.0)
+    copies = m(source, target, source_mask=real)[0].exp()
+    torch.testing.assert_close(copies[:, [3, 5, 9]].sum(-1), torch.ones(4))
+    assert copies[:, 0].max() < 1e-6
+
+
 def test_shared_or_separate_source_and_target_embeddings_and_a_tied_output():
     shared, separate = model(), model(share_embeddings=False)
     assert shared.encoder.wte is shared.decoder.wte
@@ -130,14 +166,16 @@ def test_layers_and_params_follow_the_config():
     assert isinstance(build_model(GPTConfig(**{**SHAPE, "architecture": "decoder_only"})), GPT)
 
 
-def test_a_tiny_encoder_decoder_learns_to_reverse_its_source():
+@pytest.mark.parametrize("pointer_generator", [False, True])
+def test_a_tiny_encoder_decoder_learns_to_reverse_its_source(pointer_generator):
     torch.manual_seed(0)
     m = EncoderDecoder(GPTConfig(vocab_size=12, block_size=8, n_layer=1, n_head=2, n_embd=32,
-                                 architecture="encoder_decoder", pos_emb="rope"))
+                                 architecture="encoder_decoder", pos_emb="rope",
+                                 pointer_generator=pointer_generator))
     sources = torch.randint(2, 12, (32, 5))
     targets = torch.cat((sources.flip(1), torch.ones(32, 1, dtype=torch.long)), dim=1)  # 1: eos
     decoder_in = torch.cat((torch.zeros(32, 1, dtype=torch.long), targets[:, :-1]), dim=1)
-    optimizer = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    optimizer = torch.optim.AdamW(m.parameters(), lr=5e-3)
     for _ in range(150):
         loss = F.cross_entropy(m(sources, decoder_in).reshape(-1, 12), targets.reshape(-1))
         optimizer.zero_grad()
@@ -162,6 +200,7 @@ def test_gpt_parameter_names_are_unchanged():
 @pytest.mark.parametrize(("overrides", "field"), [
     (dict(architecture="encoder_only"), "architecture"),
     (dict(n_encoder_layer=0), "n_encoder_layer"),
+    (dict(architecture="decoder_only", pointer_generator=True), "pointer_generator"),
 ])
 def test_bad_config_raises_user_error(overrides, field):
     with pytest.raises(UserError, match=field):

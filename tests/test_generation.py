@@ -122,9 +122,11 @@ def test_batched_beam_search_equals_the_old_search_prompt_by_prompt(pos_emb, bea
                               length_penalty=length_penalty, use_cache=use_cache) == expected
 
 
-@pytest.mark.parametrize("pos_emb", ["learned", "rope"])
-def test_encoder_decoder_beam_search_equals_the_old_search_source_by_source(pos_emb):
-    model = encoder_decoder(pos_emb)
+@pytest.mark.parametrize(("pos_emb", "pointer_generator"),
+                         [("learned", False), ("rope", False), ("rope", True)])
+def test_encoder_decoder_beam_search_equals_the_old_search_source_by_source(pos_emb,
+                                                                            pointer_generator):
+    model = encoder_decoder(pos_emb, pointer_generator=pointer_generator)
     start = 16
     stop = common_stop(model.generate(PROMPTS, 6, start_token=start, temperature=0))
     expected = [old_beam_search(FixedSource(model, source), [[start]], 12, 3, stop)[0]

@@ -7,6 +7,7 @@ from dataclasses import asdict
 import pytest
 import sacrebleu
 import torch
+import torch.nn.functional as F
 from sacrebleu.metrics import BLEU, CHRF
 
 from gptlab.checkpoints import CHECKPOINT_KEY, load_checkpoint
@@ -31,9 +32,10 @@ def config(**overrides) -> dict:
     return asdict(GPTConfig(**(shape | overrides)))
 
 
-def task(architecture: str = "encoder_decoder", **kwargs) -> Seq2SeqTask:
+def task(architecture: str = "encoder_decoder", model: dict | None = None,
+         **kwargs) -> Seq2SeqTask:
     torch.manual_seed(0)
-    return Seq2SeqTask(config(architecture=architecture), OPTIMIZER, SCHEDULER,
+    return Seq2SeqTask(config(architecture=architecture, **(model or {})), OPTIMIZER, SCHEDULER,
                        tokenizer=TOKENIZER, **kwargs)
 
 
@@ -68,6 +70,19 @@ def test_encoder_decoder_loss_reads_the_source_only_through_cross_attention(tmp_
         for block in seq2seq.model.decoder.blocks:
             block.cross_attn.c_proj.weight.zero_()
     assert seq2seq.training_loss(a)[0].item() == seq2seq.training_loss(b)[0].item()
+
+
+def test_a_pointer_generators_loss_is_the_cross_entropy_of_its_mixture(tmp_path):
+    seq2seq = task(model={"pointer_generator": True}, label_smoothing=0.1)
+    data = pairs(tmp_path, "abc\nhgf xy\n", "xyz.\nab\n")
+    batch = data.collate(data.encoded("train"))
+    source_ids, source_mask, decoder_ids, targets = encoder_decoder_batch(batch)
+    log_probs = seq2seq.model(source_ids, decoder_ids, source_mask=source_mask)
+    real = targets != IGNORE_INDEX
+    expected = F.cross_entropy(log_probs[real], targets[real], label_smoothing=0.1)
+    torch.testing.assert_close(seq2seq.training_loss(batch)[0], expected)
+    # Mixture probabilities: what the smoothed loss spreads over sums to one already.
+    torch.testing.assert_close(log_probs.logsumexp(-1), torch.zeros(real.shape))
 
 
 def test_metrics_are_sacrebleus_bleu_chrf_and_chrf_plus_plus():
@@ -125,12 +140,13 @@ def test_checkpoints_from_before_the_encoder_decoder_still_load(tmp_path):
     torch.testing.assert_close(seq2seq.model.wte.weight, old.model.wte.weight)
 
 
-def test_an_encoder_decoder_checkpoint_loads_and_initialises_another_run(tmp_path):
-    trained = task(max_new_tokens=6)
+@pytest.mark.parametrize("model", [{}, {"pointer_generator": True}], ids=["plain", "pointer"])
+def test_an_encoder_decoder_checkpoint_loads_and_initialises_another_run(tmp_path, model):
+    trained = task(model=model, max_new_tokens=6)
     path = save_task(trained, tmp_path / "encdec.ckpt")
     loaded = load_checkpoint(path).task()
     assert loaded.translate(["abc", "xyz"]) == trained.translate(["abc", "xyz"])
-    started = task(init_from=path)
+    started = task(model=model, init_from=path)
     for name, weight in trained.model.state_dict().items():
         torch.testing.assert_close(started.model.state_dict()[name], weight)
     with pytest.raises(UserError, match="transfer_layers"):

@@ -7,13 +7,21 @@ as GPT-2 and most later models, rather than the paper's post-norm), so every
 `model.` option means the same in both architectures. The source and target share one token
 table unless `share_embeddings=false`; the output layer is tied to the target table unless
 `tie_weights=false`.
+
+With `pointer_generator=true` the output layer can also copy (See et al. 2017, "Get To The
+Point"): a copy attention from the decoder's last hidden state over the encoder's output puts
+probability on the source tokens themselves, and a gate mixes that with the vocabulary
+distribution. Summaries and subject lines reuse the source's rarer words, which a small model
+trained briefly cannot spell out of an 8k vocabulary.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from gptlab.errors import UserError
@@ -31,11 +39,14 @@ class EncoderDecoder(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_weights:
             self.lm_head.weight = self.decoder.wte.weight
+        self.pointer = PointerGenerator(config) if config.pointer_generator else None
         # Residual writes: attention + MLP per encoder layer, and cross-attention too per
         # decoder layer; each stack is scaled for its own depth.
         init_weights(self.encoder, residual_writes=2 * config.encoder_layers)
         init_weights(self.decoder, residual_writes=3 * config.n_layer)
         init_weights(self.lm_head, residual_writes=1)
+        if self.pointer is not None:
+            init_weights(self.pointer, residual_writes=1)
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; non_embedding drops the position tables and pure lookup tables
@@ -56,8 +67,21 @@ class EncoderDecoder(nn.Module):
         source_mask (B, S): True/1 at real tokens, False/0 at padding (None: no padding).
         """
         encoded = self.encoder.hidden(source_ids, attention_mask=source_mask)
-        return Memory([block.cross_attn.keys_values(encoded) for block in self.decoder.blocks],
-                      None if source_mask is None else source_mask.bool()[:, None, None, :])
+        memory = Memory([block.cross_attn.keys_values(encoded) for block in self.decoder.blocks],
+                        None if source_mask is None else source_mask.bool()[:, None, None, :])
+        if self.pointer is not None:
+            memory.source_ids, memory.copy_keys = source_ids, self.pointer.key(encoded)
+        return memory
+
+    def output(self, hidden: torch.Tensor, memory: Memory) -> torch.Tensor:
+        """Decoder hidden states (R, T, C) -> next-token logits (R, T, vocab).
+
+        With the pointer-generator these are log-probabilities of the mixture, which are
+        logits too (their softmax is the mixture), so losses, sampling and beam search treat
+        both alike.
+        """
+        logits = self.lm_head(hidden)
+        return logits if self.pointer is None else self.pointer(hidden, logits, memory)
 
     def forward(
         self,
@@ -72,8 +96,9 @@ class EncoderDecoder(nn.Module):
         The decoder inputs are right-padded (causal attention never reads the padding after a
         token); the sources may be padded anywhere that source_mask says.
         """
-        hidden = self.decoder.hidden(input_ids, memory=self.memory(source_ids, source_mask))
-        return hidden if return_hidden else self.lm_head(hidden)
+        memory = self.memory(source_ids, source_mask)
+        hidden = self.decoder.hidden(input_ids, memory=memory)
+        return hidden if return_hidden else self.output(hidden, memory)
 
     def start_decoding(
         self, prompts: list[list[int]], sources: list[list[int]] | None = None,
@@ -92,7 +117,7 @@ class EncoderDecoder(nn.Module):
             real[i, : len(source)] = True
         padded = min(len(s) for s in sources) != width
         memory = self.memory(source_ids, real if padded else None)
-        return DecodingState(self.decoder, self.lm_head, prompts, memory=memory,
+        return DecodingState(self.decoder, self.output, prompts, memory=memory,
                              use_cache=use_cache)
 
     def generate(
@@ -119,3 +144,47 @@ class EncoderDecoder(nn.Module):
             length_penalty=length_penalty, processors=processors,
         )
 
+
+
+class PointerGenerator(nn.Module):
+    """Mixes the vocabulary distribution with copies of source tokens (See et al. 2017).
+
+    P(w) = p_gen * softmax(logits)_w + (1 - p_gen) * sum of a_s over source positions s
+    holding w, where a is a one-head attention from the decoder's hidden state over the
+    encoder's output (its own projections: the cross-attention layers' weights come out of
+    fused kernels) and p_gen = sigmoid(gate(hidden)) is chosen per position. Padded source
+    positions get no attention.
+    """
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.query = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.key = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.gate = nn.Linear(config.n_embd, 1)
+
+    def copy_attention(self, hidden: torch.Tensor, memory: Memory) -> torch.Tensor:
+        """Attention (R, T, S) of each position over its source's tokens.
+
+        The R = P * g rows hold g consecutive rows (beams) per source, read as one row of
+        g * T queries, as in the cross-attention.
+        """
+        R, T, C = hidden.size()
+        P, S = memory.source_ids.size()
+        q = self.query(hidden).reshape(P, R // P * T, C)
+        scores = q @ memory.copy_keys.transpose(1, 2) / math.sqrt(C)
+        if memory.mask is not None:
+            scores = scores.masked_fill(~memory.mask[:, 0], float("-inf"))
+        return F.softmax(scores.float(), dim=-1).reshape(R, T, S)
+
+    def forward(self, hidden: torch.Tensor, logits: torch.Tensor, memory: Memory) -> torch.Tensor:
+        """Log-probabilities (R, T, vocab) of the mixture, in fp32."""
+        R, T, _ = hidden.size()
+        attention = self.copy_attention(hidden, memory)
+        source_of_row = torch.arange(R, device=hidden.device) * memory.source_ids.size(0) // R
+        source_ids = memory.source_ids[source_of_row][:, None, :].expand(R, T, -1)
+        copied = torch.zeros(R, T, logits.size(-1), device=logits.device, dtype=torch.float32)
+        copied.scatter_add_(2, source_ids, attention)
+        p_gen = torch.sigmoid(self.gate(hidden).float())
+        mixture = p_gen * F.softmax(logits.float(), dim=-1) + (1 - p_gen) * copied
+        # Clamped only where fp32 underflows to 0, so the log stays finite.
+        return mixture.clamp_min(torch.finfo(torch.float32).tiny).log()

@@ -37,6 +37,8 @@ if TYPE_CHECKING:
     from gptlab.models.gpt import Memory, Transformer
 
 LogitsProcessor = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# A model's output layer: hidden states (rows, T, C) and the memory they read -> logits.
+Output = Callable[[torch.Tensor, "Memory | None"], torch.Tensor]
 
 
 class Choice(NamedTuple):
@@ -59,7 +61,7 @@ class DecodingState:
     full forward over the last block_size tokens after, so use_cache never changes the result.
     """
 
-    def __init__(self, body: Transformer, lm_head: nn.Module, prompts: list[list[int]], *,
+    def __init__(self, body: Transformer, output: Output, prompts: list[list[int]], *,
                  memory: Memory | None = None, use_cache: bool = True) -> None:
         if not prompts or any(len(p) == 0 for p in prompts):
             raise UserError("generate: every prompt needs at least one token")
@@ -72,7 +74,7 @@ class DecodingState:
             self.real[i, L - len(p) :] = True
         # Equal-length prompts need no mask, which keeps SDPA on its fast path.
         self.padded = min(len(p) for p in prompts) != L
-        self.body, self.lm_head, self.memory, self.use_cache = body, lm_head, memory, use_cache
+        self.body, self.output, self.memory, self.use_cache = body, output, memory, use_cache
         self.cache = None
         self.row_source = torch.arange(B, device=device)  # the memory row that each row reads
 
@@ -95,7 +97,7 @@ class DecodingState:
             feed, attention_mask=mask if self.padded else None, position_ids=positions,
             kv_cache=self.cache, memory=self.memory,
         )
-        return self.lm_head(hidden[:, -1])
+        return self.output(hidden[:, -1:], self.memory)[:, 0]
 
     def advance(self, choice: Choice) -> None:
         """Keep the chosen rows (reordering the cache and memory along), then append a token."""

@@ -51,6 +51,8 @@ class GPTConfig:
     architecture: str = "decoder_only"
     n_encoder_layer: int | None = None  # encoder depth; None: n_layer (encoder_decoder only)
     share_embeddings: bool = True  # one token table for source and target (encoder_decoder only)
+    # encoder_decoder only: an output layer that can also copy source tokens (See et al. 2017).
+    pointer_generator: bool = False
 
     def __post_init__(self) -> None:
         for name, allowed in (("architecture", ARCHITECTURES), ("pos_emb", POS_EMBS),
@@ -65,6 +67,11 @@ class GPTConfig:
                 raise UserError(
                     f"model config: {name}={getattr(self, name)} must be a positive integer"
                 )
+        if self.pointer_generator and self.architecture != "encoder_decoder":
+            raise UserError(
+                "model config: pointer_generator=true copies from an encoder's source; set "
+                "architecture=encoder_decoder, or pointer_generator=false"
+            )
         if self.n_encoder_layer is not None and self.n_encoder_layer < 1:
             raise UserError(
                 f"model config: n_encoder_layer={self.n_encoder_layer} must be a positive "
@@ -394,18 +401,23 @@ class MLP(nn.Module):
 
 @dataclass
 class Memory:
-    """What a decoder's cross-attention reads: the encoder output's keys and values per layer.
+    """What a decoder reads of P encoded sources: each layer's cross-attention keys and values.
 
-    mask (P, 1, 1, S) is True at real source tokens (None: no padding).
+    mask (P, 1, 1, S) is True at real source tokens (None: no padding). A pointer-generator
+    output layer also reads the source tokens (P, S) and its own keys of them (P, S, C).
     """
 
     kv: list[tuple[torch.Tensor, torch.Tensor]]
     mask: torch.Tensor | None
+    source_ids: torch.Tensor | None = None
+    copy_keys: torch.Tensor | None = None
 
     def select(self, sources: torch.Tensor) -> Memory:
         """The memory of these sources only, in this order."""
-        return Memory([(k[sources], v[sources]) for k, v in self.kv],
-                      None if self.mask is None else self.mask[sources])
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[sources]
+        return Memory([(k[sources], v[sources]) for k, v in self.kv], pick(self.mask),
+                      pick(self.source_ids), pick(self.copy_keys))
 
 
 class Block(nn.Module):
@@ -624,7 +636,8 @@ class GPT(Transformer):
         if sources is not None:
             raise UserError("a decoder-only model reads one sequence: put the source in the "
                             "prompt (source <|sep|>) instead of passing sources")
-        return DecodingState(self, self.lm_head, prompts, use_cache=use_cache)
+        return DecodingState(self, lambda hidden, _memory: self.lm_head(hidden), prompts,
+                             use_cache=use_cache)
 
     def generate(
         self,

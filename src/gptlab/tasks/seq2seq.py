@@ -97,6 +97,11 @@ class Seq2SeqTask(GPTTask):
         return self.model(batch["input_ids"], return_hidden=True), self.split_targets(batch)[0]
 
     def target_loss(self, batch: dict, label_smoothing: float = 0.0) -> torch.Tensor:
+        if self.encoder_decoder and self.model.pointer is not None:
+            # The copy path reads each position's own source: score every position.
+            source_ids, source_mask, decoder_ids, targets = encoder_decoder_batch(batch)
+            logits = self.model(source_ids, decoder_ids, source_mask=source_mask)
+            return lm_loss(logits, targets, label_smoothing)
         hidden, targets = self.target_states(batch)
         # Output logits only where the loss reads them: the LM head over the vocabulary is a
         # large share of the compute, and source positions are ~half the tokens.
