@@ -85,6 +85,33 @@ def test_a_pointer_generators_loss_is_the_cross_entropy_of_its_mixture(tmp_path)
     torch.testing.assert_close(log_probs.logsumexp(-1), torch.zeros(real.shape))
 
 
+def test_prefix_space_tokenizes_a_targets_first_word_as_the_source_does(tmp_path):
+    """Byte-level BPE: "Meeting" opening a subject and " Meeting" inside the body are
+    different tokens unless every text starts with a space."""
+    (tmp_path / "s").write_text("Hi all, the meeting moved.\nPlease send the report.\n")
+    (tmp_path / "t").write_text("meeting moved\nreport\n")
+    bpe = train_tokenizer("bpe", ["the meeting moved report Hi all send"] * 20, 300,
+                          special_tokens=[EOS_TOKEN, SEP_TOKEN])
+    files = {"train": [str(tmp_path / "s"), str(tmp_path / "t")]}
+
+    def first_target_token(prefix_space: bool) -> tuple[int, list[int]]:
+        data = Seq2SeqDataModule("pairs", ParallelFiles(files), block_size=32, batch_size=2,
+                                 tokenizer=bpe, prefix_space=prefix_space)
+        row = data.encoded("train")[0]
+        return row["sequence"][row["source_len"]], row["prompt"]
+
+    spaced, prompt = first_target_token(True)
+    assert spaced == bpe.encode(" meeting")[0] and spaced in prompt
+    unspaced, prompt = first_target_token(False)
+    assert unspaced == bpe.encode("meeting")[0] and unspaced not in prompt
+    # translate() reads an input as training did: with the space.
+    seq2seq = Seq2SeqTask(config(vocab_size=bpe.vocab_size, architecture="encoder_decoder"),
+                          OPTIMIZER, SCHEDULER, tokenizer=bpe, prefix_space=True,
+                          max_new_tokens=3)
+    prompts = [bpe.encode(" the meeting moved") + [bpe.token_to_id(SEP_TOKEN)]]
+    assert seq2seq.translate(["the meeting moved"]) == seq2seq.decode(prompts)
+
+
 def test_metrics_are_sacrebleus_bleu_chrf_and_chrf_plus_plus():
     seq2seq = task()
     seq2seq.outputs = ["Ein Mann fährt ein Fahrrad .", "Zwei Hunde spielen im Schnee ."]
@@ -120,6 +147,7 @@ def save_task(seq2seq: Seq2SeqTask, path, old: bool = False) -> str:
             artifacts["model_config"].pop(name)
         hparams["model_config"] = artifacts["model_config"]
         hparams.pop("max_source_tokens")
+        hparams.pop("prefix_space")
     torch.save({"state_dict": seq2seq.state_dict(), "hyper_parameters": hparams,
                 CHECKPOINT_KEY: artifacts}, path)
     return str(path)
@@ -162,7 +190,7 @@ def test_max_source_tokens_cuts_sources_in_training_and_in_translate(tmp_path):
     data.max_source_tokens = 4
     data._encoded.clear()
     assert data.encoded("train")[0]["prompt"] == long[:3] + long[-1:]
-    assert data.task_arguments() == {"max_source_tokens": 4}
+    assert data.task_arguments() == {"max_source_tokens": 4, "prefix_space": False}
     with pytest.raises(UserError, match="max_source_tokens=32"):
         Seq2SeqDataModule("pairs", ParallelFiles({"train": ["s", "t"]}), block_size=32,
                           batch_size=4, max_source_tokens=32)

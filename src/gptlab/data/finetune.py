@@ -77,10 +77,19 @@ def source_limit(max_source_tokens: int | None, block_size: int) -> int:
     return max_source_tokens or block_size // 2
 
 
-def encode_sources(tokenizer: Tokenizer, texts: list[str], max_tokens: int) -> list[list[int]]:
+def with_prefix_space(texts: list[str], prefix_space: bool) -> list[str]:
+    """The texts with a space in front when prefix_space: byte-level BPE tokenizes a text's
+    first word unlike the same word inside a sentence ("Meeting" vs " Meeting"), and a
+    summary that copies a body's words needs the body's tokens for them."""
+    return [" " + text for text in texts] if prefix_space else texts
+
+
+def encode_sources(tokenizer: Tokenizer, texts: list[str], max_tokens: int,
+                   prefix_space: bool = False) -> list[list[int]]:
     """Prompts for text-to-text: source tokens (cut to fit) then <|sep|>, max_tokens in all."""
     sep = separator_id(tokenizer)
-    return [ids[: max_tokens - 1] + [sep] for ids in tokenizer.encode_batch(texts)]
+    return [ids[: max_tokens - 1] + [sep]
+            for ids in tokenizer.encode_batch(with_prefix_space(texts, prefix_space))]
 
 
 def pad(rows: list[list[int]], value: int = PAD_ID) -> torch.Tensor:
@@ -304,28 +313,35 @@ class Seq2SeqDataModule(FinetuneDataModule):
     """(source, target) pairs, trained as one sequence with the loss on the target side.
 
     A source is cut to `max_source_tokens` (with its <|sep|>; default half the context) and
-    the whole row to block_size + 1 tokens, whichever the model's architecture.
+    the whole row to block_size + 1 tokens, whichever the model's architecture. With
+    `prefix_space`, sources and targets are tokenized with a space in front (see
+    `with_prefix_space`).
     """
 
-    def __init__(self, *args, max_source_tokens: int | None = None, **kwargs):
+    def __init__(self, *args, max_source_tokens: int | None = None, prefix_space: bool = False,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         if max_source_tokens is not None and not 2 <= max_source_tokens < self.block_size:
             raise UserError(f"data.max_source_tokens={max_source_tokens} must leave room for "
                             f"a target: between 2 and block_size - 1 = {self.block_size - 1} "
                             f"(or null for half the context)")
         self.max_source_tokens = max_source_tokens
+        self.prefix_space = prefix_space
 
     def task_arguments(self) -> dict:
-        return {"max_source_tokens": self.max_source_tokens}
+        return {"max_source_tokens": self.max_source_tokens, "prefix_space": self.prefix_space}
 
     def tokenizer_texts(self) -> list[str]:
-        return [text for pair in self.examples("train") for text in pair]
+        texts = [text for pair in self.examples("train") for text in pair]
+        return with_prefix_space(texts, self.prefix_space)
 
     def encode(self, split: str) -> list[dict]:
         examples = self.examples(split)
         sources = encode_sources(self.tokenizer, [s for s, _ in examples],
-                                 source_limit(self.max_source_tokens, self.block_size))
-        targets = self.tokenizer.encode_batch([t for _, t in examples])
+                                 source_limit(self.max_source_tokens, self.block_size),
+                                 self.prefix_space)
+        targets = self.tokenizer.encode_batch(
+            with_prefix_space([t for _, t in examples], self.prefix_space))
         eos, rows, cut = eos_id(self.tokenizer), [], 0
         for i, (source, target, (text, reference)) in enumerate(
                 zip(sources, targets, examples, strict=True)):

@@ -61,7 +61,7 @@ class Seq2SeqTask(GPTTask):
     def __init__(self, model_config, optimizer: dict, scheduler: dict,
                  aux_lm_weight: float = 0.0, label_smoothing: float = 0.0,
                  max_new_tokens: int = 64, beam_size: int = 1, bleu_tokenize: str = "13a",
-                 max_source_tokens: int | None = None, **kwargs):
+                 max_source_tokens: int | None = None, prefix_space: bool = False, **kwargs):
         super().__init__(model_config, optimizer, scheduler, **kwargs)
         if beam_size < 1:
             raise UserError(f"task.beam_size={beam_size} must be >= 1 (1 is greedy)")
@@ -193,7 +193,7 @@ class Seq2SeqTask(GPTTask):
                   processors: Sequence[LogitsProcessor] = ()) -> list[str]:
         """The output text for each input text, as training's data module encodes inputs."""
         limit = source_limit(self.hparams.max_source_tokens, self.model.config.block_size)
-        prompts = encode_sources(self.tokenizer, texts, limit)
+        prompts = encode_sources(self.tokenizer, texts, limit, self.hparams.prefix_space)
         outputs = []
         for start in range(0, len(prompts), batch_size):
             outputs += self.decode(prompts[start : start + batch_size], processors=processors)
