@@ -145,7 +145,6 @@ class EncoderDecoder(nn.Module):
         )
 
 
-
 class PointerGenerator(nn.Module):
     """Mixes the vocabulary distribution with copies of source tokens (See et al. 2017).
 
