@@ -162,28 +162,26 @@ class PointerGenerator(nn.Module):
         self.gate = nn.Linear(config.n_embd, 1)
 
     def copy_attention(self, hidden: torch.Tensor, memory: Memory) -> torch.Tensor:
-        """Attention (R, T, S) of each position over its source's tokens.
+        """Attention (P, g * T, S) of each position over its source's tokens.
 
-        The R = P * g rows hold g consecutive rows (beams) per source, read as one row of
-        g * T queries, as in the cross-attention.
+        The R = P * g rows of hidden (R, T, C) hold g consecutive rows (beams) per source,
+        read as one row of g * T queries, as in the cross-attention.
         """
         R, T, C = hidden.size()
-        P, S = memory.source_ids.size()
+        P = memory.source_ids.size(0)
         q = self.query(hidden).reshape(P, R // P * T, C)
         scores = q @ memory.copy_keys.transpose(1, 2) / math.sqrt(C)
         if memory.mask is not None:
             scores = scores.masked_fill(~memory.mask[:, 0], float("-inf"))
-        return F.softmax(scores.float(), dim=-1).reshape(R, T, S)
+        return F.softmax(scores.float(), dim=-1)
 
     def forward(self, hidden: torch.Tensor, logits: torch.Tensor, memory: Memory) -> torch.Tensor:
         """Log-probabilities (R, T, vocab) of the mixture, in fp32."""
-        R, T, _ = hidden.size()
         attention = self.copy_attention(hidden, memory)
-        source_of_row = torch.arange(R, device=hidden.device) * memory.source_ids.size(0) // R
-        source_ids = memory.source_ids[source_of_row][:, None, :].expand(R, T, -1)
-        copied = torch.zeros(R, T, logits.size(-1), device=logits.device, dtype=torch.float32)
-        copied.scatter_add_(2, source_ids, attention)
+        copied = attention.new_zeros(*attention.shape[:2], logits.size(-1))
+        copied.scatter_add_(2, memory.source_ids[:, None, :].expand_as(attention), attention)
         p_gen = torch.sigmoid(self.gate(hidden).float())
-        mixture = p_gen * F.softmax(logits.float(), dim=-1) + (1 - p_gen) * copied
+        mixture = (p_gen * F.softmax(logits.float(), dim=-1)
+                   + (1 - p_gen) * copied.view(logits.shape))
         # Clamped only where fp32 underflows to 0, so the log stays finite.
         return mixture.clamp_min(torch.finfo(torch.float32).tiny).log()
