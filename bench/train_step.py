@@ -1,12 +1,15 @@
 """Training-step speed at nanoGPT's CPU shape: gptlab through Lightning vs plain PyTorch loops.
 
-    python bench/train_step.py [--rounds 5] [--steps 50] [--nanogpt path/to/nanoGPT/model.py]
+    python bench/train_step.py [--rounds 5] [--steps 50] [--compile]
+                               [--nanogpt path/to/nanoGPT/model.py]
 
 Shape and recipe of nanoGPT's Shakespeare CPU run: 4 layers, 4 heads, 128 wide, context 64,
 batch 12, AdamW lr 1e-3, gradient clipping 1.0, fp32, learned positions, GELU, LayerNorm, no
 bias. Variants:
   lightning  gptlab's LanguageModelingTask in a lightning Trainer, fed by LMDataModule (what
              `train.py` runs: logging, progress bar and checkpoint callback included)
+  compiled   the same with `task.compile=true` (only with --compile; compilation happens in
+             the untimed warm-up steps)
   plain      the same GPT in a bare PyTorch loop like nanoGPT's train.py (random windows
              from the same memmap, forward, loss, backward, clip, step)
   nanogpt    nanoGPT's own model.py in that bare loop (only with --nanogpt)
@@ -76,11 +79,12 @@ class StepClock(L.Callback):
         self.per_step = (time.perf_counter() - self.start) / (trainer.global_step - WARMUP_STEPS)
 
 
-def lightning_loop(dm: LMDataModule, steps: int, out: Path) -> float:
+def lightning_loop(dm: LMDataModule, steps: int, out: Path, compile: bool = False) -> float:
     task = LanguageModelingTask(
         model_config=GPTConfig(vocab_size=dm.vocab_size, **SHAPE),
         optimizer=dict(lr=LR, betas=(0.9, 0.99), weight_decay=0.1, fused=True),
         scheduler=dict(warmup_steps=100, min_lr_ratio=0.1), tokenizer=dm.tokenizer,
+        compile=compile,
     )
     clock = StepClock()
     trainer = L.Trainer(
@@ -108,6 +112,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--nanogpt", help="path to nanoGPT's model.py, to time it too")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time train.py's loop with task.compile=true")
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -120,6 +126,8 @@ def main() -> None:
             "plain": lambda: plain_loop(GPT(GPTConfig(vocab_size=dm.vocab_size, **SHAPE)), dm,
                                         args.steps, nanogpt=False),
         }
+        if args.compile:
+            variants["compiled"] = lambda: lightning_loop(dm, args.steps, Path(tmp), True)
         if args.nanogpt:
             make = load_nanogpt(args.nanogpt)
             variants["nanogpt"] = lambda: plain_loop(make(dm.vocab_size), dm, args.steps, True)

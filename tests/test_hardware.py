@@ -18,6 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from gptlab import hardware
+from gptlab.models.gpt import GPT, GPTConfig
 from gptlab.tasks.language_modeling import LanguageModelingTask
 from tests.conftest import run_entry, run_folders
 from tests.test_configs import compose_train
@@ -43,6 +44,20 @@ def test_bf16_mixed_precision_and_ddp_train_every_task(task, workspace):
     assert len(set(runs)) == 2
     for run in runs:
         assert json.loads((run / "results.json").read_text())["steps"] == 2
+
+
+@pytest.mark.slow
+def test_a_compiled_model_trains_on_the_cpu_and_saves_plain_weights(workspace):
+    """task.compile=true on a CPU (inductor's C++ backend): it trains, and its checkpoint
+    holds the GPT's own parameter names, so uncompiled runs load it."""
+    out = run_entry("train.py", *workspace.args, *TASKS["pretrain"], *SHORT, "hardware=cpu",
+                    "task.compile=true")
+    run = run_folders(out)[-1]
+    assert json.loads((run / "results.json").read_text())["steps"] == 2
+    saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    config = json.loads((run / "model_config.json").read_text())
+    plain = {f"model.{name}" for name in GPT(GPTConfig(**config)).state_dict()}
+    assert {name for name in saved if name.startswith("model.")} == plain
 
 
 def tiny_task(cfg) -> LanguageModelingTask:
