@@ -74,6 +74,23 @@ def test_generate_is_reproducible_with_a_seed(trained_runs, tmp_path):
         "generate.py", *args, cwd=tmp_path)
 
 
+def test_ema_weights_are_what_validation_checkpoints_and_final_passes_use(workspace, tmp_path):
+    out = run_entry("train.py", *workspace.args, "model=nano", "debug=fast", "logger=csv",
+                    "hardware=cpu", "data.val_windows=4", "final_eval_tokens=null",
+                    "callbacks=ema", "callbacks.ema.decay=0.5")
+    run = run_folder(out)
+    last = run / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)
+    averaged, raw = ckpt["state_dict"], ckpt["current_model_state"]  # raw: for resuming
+    assert averaged.keys() == raw.keys()
+    assert not torch.equal(averaged["model.wte.weight"], raw["model.wte.weight"])
+    # The end-of-run pass scored the averaged weights, which evaluate.py reads from last.ckpt.
+    run_entry("evaluate.py", f"ckpt={last}", cwd=tmp_path)
+    written = json.loads((run / "evaluation-last-val.json").read_text())
+    results = json.loads((run / "results.json").read_text())
+    assert written["val_full/loss"] == pytest.approx(results["val_last/loss"], abs=1e-5)
+
+
 @pytest.mark.slow
 def test_ckpt_path_continues_a_checkpoint_in_a_new_run_folder(trained_runs, workspace):
     run, _ = trained_runs[0]

@@ -14,7 +14,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 
 from gptlab.utils.config import register_resolvers
-from tests.conftest import REPO, metrics_column, run_entry, run_folders, wandb_records
+from tests.conftest import REPO, metrics_column, run_entry, run_folder, run_folders, wandb_records
 from tests.test_configs import compose_train
 
 FAST = ("debug=fast", "hardware=cpu")
@@ -194,18 +194,22 @@ def test_gpt1_layers_and_scaling_draw_their_figures(workspace):
 SKIPPED_MARKS = ("MULTIRUN", "init_from: hf:")
 
 
+SINGLE_RUN_EXPERIMENTS = sorted(
+    p.stem for p in (REPO / "conf" / "experiment").glob("[!_]*.yaml")
+    if not any(mark in p.read_text() for mark in SKIPPED_MARKS))
+
+
+def test_most_experiments_are_single_runs():
+    assert len(SINGLE_RUN_EXPERIMENTS) >= 5
+
+
 @pytest.mark.slow
-def test_every_single_run_experiment_runs_with_debug_fast(workspace):
-    experiments = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("[!_]*.yaml")
-                         if not any(mark in p.read_text() for mark in SKIPPED_MARKS))
-    assert len(experiments) >= 5
-    # One multirun over the experiments (the GPU recipe on the CPU, uncompiled).
-    out = run_entry("train.py", "-m", f"experiment={','.join(experiments)}", *workspace.args,
-                    *FAST, "logger=csv", "task.compile=false")
-    runs = sweep_runs(out)
-    assert len(runs) == len(experiments)
-    for run in runs:
-        assert json.loads((run / "results.json").read_text())["steps"] == 6
+@pytest.mark.parametrize("experiment", SINGLE_RUN_EXPERIMENTS)
+def test_every_single_run_experiment_runs_with_debug_fast(experiment, workspace):
+    # One run each (a GPU recipe on the CPU, uncompiled), so each has its own time limit.
+    out = run_entry("train.py", f"experiment={experiment}", *workspace.args, *FAST,
+                    "logger=csv", "task.compile=false")
+    assert json.loads((run_folder(out) / "results.json").read_text())["steps"] == 6
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,8 @@ def seq2seq_run(workspace, pretrained) -> Path:
 def test_classify_from_a_pretrained_run_trains_and_reports(classify_run, pretrained):
     run, out = classify_run
     assert "/classify/runs/" in str(run) and "val_full/acc" in out and "val_last/acc" in out
+    # debug=fast's final_eval_tokens caps the end-of-run passes on labeled splits too.
+    assert re.search(r"\(best checkpoint, \d+ of 872 val examples, final_eval_tokens\)", out)
     for name in ("train/loss", "train/cls_loss", "train/lm_loss", "val/acc", "val/f1",
                  "val/acc_best"):
         assert metrics_column(run, name), name

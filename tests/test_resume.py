@@ -87,13 +87,15 @@ def killed_after_first_checkpoint(args: list[str], runs: Path) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["pretrain", "finetune"])
+@pytest.mark.parametrize("kind", ["pretrain", "finetune", "finetune_ema"])
 def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_rows(kind, workspace, tmp_path):
     if kind == "pretrain":
         args, runs = [*workspace.args, *PRETRAIN], workspace.root / "logs" / "pretrain" / "runs"
     else:
         args = [*workspace.args, *FINETUNE, *labeled_files(tmp_path)]
         runs = workspace.root / "logs" / "classify" / "runs"
+    if kind == "finetune_ema":  # the checkpoint carries both the average and the raw weights
+        args += ["callbacks=ema", "callbacks.ema.decay=0.8"]
     whole = run_folder(run_entry("train.py", *args))
     folder = killed_after_first_checkpoint(args, runs)
     stopped_at = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]

@@ -260,7 +260,7 @@ class AgentTask(GPTTask):
 
     def final_eval_scope(self) -> str:
         limit = self.hparams.val_turns
-        return "whole val split" + (f", at most {limit} turns generated" if limit else "")
+        return super().final_eval_scope() + (f", at most {limit} turns generated" if limit else "")
 
     # -- generation ----------------------------------------------------------------------
     def processors(self) -> list[LogitsProcessor]:

@@ -433,13 +433,22 @@ class GPTTask(L.LightningModule):
 
     # -- evaluation --------------------------------------------------------------------
     def final_eval_loader(self, datamodule, max_tokens: int | None):
-        """What the end-of-run passes score: the whole validation split (labeled splits are
-        small; the LM task samples large corpora down to max_tokens)."""
-        return datamodule.eval_dataloader("val")
+        """What the end-of-run passes score: every example of the validation split, or evenly
+        spread ones up to about max_tokens tokens (final_eval_tokens; its default is larger
+        than any labeled split here, debug=fast makes the passes quick)."""
+        return self._scoped(datamodule.eval_dataloader("val", max_tokens),
+                            datamodule.eval_dataloader("val"), "examples")
+
+    def _scoped(self, loader, whole, unit: str):
+        """`loader`, noting for final_eval_scope how much of the `whole` split it scores."""
+        scored, total = len(loader.dataset), len(whole.dataset)
+        self._final_scope = ("whole val split" if scored == total else
+                             f"{scored:,} of {total:,} val {unit}, final_eval_tokens")
+        return loader
 
     def final_eval_scope(self) -> str:
         """Which part of the split the end-of-run passes scored, for the summary lines."""
-        return "whole val split"
+        return getattr(self, "_final_scope", "whole val split")
 
     def evaluation_passes(self, datamodule, split: str) -> list[tuple[str, object]]:
         """(metric prefix, dataloader) pairs that evaluate.py runs for `split`."""

@@ -52,15 +52,8 @@ class LanguageModelingTask(GPTTask):
     def final_eval_loader(self, datamodule, max_tokens: int | None):
         """Every window of the split, or evenly spaced ones up to max_tokens (large corpora)."""
         windows = None if max_tokens is None else max(1, max_tokens // datamodule.block_size)
-        loader = datamodule.eval_dataloader("val", windows)
-        total = len(datamodule.eval_dataloader("val").dataset)
-        scored = len(loader.dataset)
-        self._final_scope = ("whole val split" if scored == total else
-                             f"{scored:,} of {total:,} val windows, final_eval_tokens")
-        return loader
-
-    def final_eval_scope(self) -> str:
-        return getattr(self, "_final_scope", "whole val split")
+        return self._scoped(datamodule.eval_dataloader("val", windows),
+                            datamodule.eval_dataloader("val"), "windows")
 
     def artifacts(self) -> dict:
         return super().artifacts() | {"val_bytes_per_token": self.val_bytes_per_token}
