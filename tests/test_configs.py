@@ -86,3 +86,9 @@ def test_every_data_class_a_config_names_may_be_rebuilt_from_a_checkpoint():
              for path in (CONF / "data").glob("*.yaml")
              for line in path.read_text().splitlines() if "_target_:" in line}
     assert named and named <= ALLOWED_TARGETS
+
+
+def test_the_sst2_recipe_pools_the_mean_and_gpt1s_reproductions_the_extract_token():
+    assert compose_train("experiment=sst2_finetune").task.pooling == "mean"
+    for experiment in ("gpt1_ablation", "gpt1_layers"):  # as GPT-1 does
+        assert compose_train(f"experiment={experiment}").task.pooling == "last"

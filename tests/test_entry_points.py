@@ -74,6 +74,7 @@ def test_generate_is_reproducible_with_a_seed(trained_runs, tmp_path):
         "generate.py", *args, cwd=tmp_path)
 
 
+@pytest.mark.slow
 def test_ema_weights_are_what_validation_checkpoints_and_final_passes_use(workspace, tmp_path):
     out = run_entry("train.py", *workspace.args, "model=nano", "debug=fast", "logger=csv",
                     "hardware=cpu", "data.val_windows=4", "final_eval_tokens=null",
