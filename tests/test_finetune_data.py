@@ -14,6 +14,7 @@ from gptlab.data.finetune import (
     LengthBuckets,
     Seq2SeqDataModule,
     encode_texts,
+    evenly_spaced,
 )
 from gptlab.data.lm_datamodule import IGNORE_INDEX
 from gptlab.data.tokenizers import EOS_TOKEN, SEP_TOKEN, train_tokenizer
@@ -153,6 +154,23 @@ def test_evaluation_batches_are_split_between_ranks_without_repeats():
     shards = [list(LengthBuckets(lengths, 10, False, rank=r, world_size=3)) for r in range(3)]
     assert [len(s) for s in shards] == [4, 3, 3]
     assert sorted(i for s in shards for b in s for i in b) == list(range(95))
+
+
+@pytest.mark.parametrize("examples", [2, 5, 9])
+def test_a_split_smaller_than_one_batch_per_rank_still_gives_every_rank_a_batch(examples):
+    # Lightning stops a DDP rank whose evaluation loader is empty (a capped final pass of 10
+    # SST-2 phrases in one batch of 32 did, under hardware=ddp_cpu).
+    shards = [list(LengthBuckets([5] * examples, 32, False, rank=r, world_size=2))
+              for r in range(2)]
+    assert all(len(s) >= 1 for s in shards) and [len(s) for s in shards] == [
+        len(LengthBuckets([5] * examples, 32, False, rank=r, world_size=2)) for r in range(2)]
+    assert sorted(i for s in shards for b in s for i in b) == list(range(examples))
+
+
+def test_a_capped_evaluation_keeps_at_least_one_example_per_rank():
+    assert len(evenly_spaced([100] * 50, max_tokens=100)) == 1
+    assert len(evenly_spaced([100] * 50, max_tokens=100, at_least=2)) == 2
+    assert evenly_spaced([100] * 3, max_tokens=100, at_least=8) == [0, 1, 2]
 
 
 def test_a_trainer_gets_a_new_batch_order_every_epoch(labeled):

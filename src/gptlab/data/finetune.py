@@ -110,7 +110,9 @@ class LengthBuckets(Sampler[list[int]]):
     trained on, so it continues mid-epoch exactly) and each new iteration is the next epoch.
 
     Evaluation: every batch once across the ranks (rank r takes r, r + world_size, ...; no
-    padding with repeated batches, so every example is scored exactly once).
+    padding with repeated batches, so every example is scored exactly once). A split of
+    fewer than world_size batches comes in smaller ones, so that every rank has at least one
+    where the examples allow (Lightning stops a rank that has none).
     """
 
     def __init__(self, lengths: list[int], batch_size: int, shuffle: bool, seed: int = 0,
@@ -134,9 +136,12 @@ class LengthBuckets(Sampler[list[int]]):
         rng.shuffle(batches)
         return batches
 
+    def _eval_batch_size(self) -> int:
+        return max(1, min(self.batch_size, -(-len(self.lengths) // self.world_size)))
+
     def _by_length(self) -> list[np.ndarray]:
-        order = np.argsort(self.lengths, kind="stable")
-        return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        order, size = np.argsort(self.lengths, kind="stable"), self._eval_batch_size()
+        return [order[i : i + size] for i in range(0, len(order), size)]
 
     def __iter__(self):
         if not self.shuffle:
@@ -152,17 +157,18 @@ class LengthBuckets(Sampler[list[int]]):
             yield batch.tolist()
 
     def __len__(self) -> int:
-        n = -(-len(self.lengths) // self.batch_size)
         if self.shuffle:
-            return n // self.world_size
+            return -(-len(self.lengths) // self.batch_size) // self.world_size
+        n = -(-len(self.lengths) // self._eval_batch_size())
         return len(range(self.rank, n, self.world_size))
 
 
-def evenly_spaced(lengths: list[int], max_tokens: int | None) -> list[int]:
-    """Indices of evenly spread examples whose tokens come to about max_tokens (all if None)."""
+def evenly_spaced(lengths: list[int], max_tokens: int | None, at_least: int = 1) -> list[int]:
+    """Indices of evenly spread examples whose tokens come to about max_tokens (all if None),
+    and at least `at_least` of them (one per DDP rank)."""
     if max_tokens is None or sum(lengths) <= max_tokens:
         return list(range(len(lengths)))
-    keep = max(1, min(len(lengths), int(max_tokens / (sum(lengths) / len(lengths)))))
+    keep = min(len(lengths), max(at_least, int(max_tokens / (sum(lengths) / len(lengths)))))
     return sorted(set(np.linspace(0, len(lengths) - 1, keep).round().astype(int).tolist()))
 
 
@@ -251,7 +257,8 @@ class FinetuneDataModule(L.LightningDataModule):
     def eval_dataloader(self, split: str = "val", max_tokens: int | None = None) -> DataLoader:
         """Every example of a split, or evenly spread ones up to about max_tokens tokens."""
         rows = self.encoded(split)
-        keep = evenly_spaced([len(r["input_ids"]) for r in rows], max_tokens)
+        ranks = self.trainer.world_size if self.trainer is not None else 1
+        keep = evenly_spaced([len(r["input_ids"]) for r in rows], max_tokens, at_least=ranks)
         return self._loader([rows[i] for i in keep] if len(keep) < len(rows) else rows,
                             shuffle=False)
 
