@@ -176,7 +176,9 @@ def test_a_tiny_encoder_decoder_learns_to_reverse_its_source(pointer_generator):
     targets = torch.cat((sources.flip(1), torch.ones(32, 1, dtype=torch.long)), dim=1)  # 1: eos
     decoder_in = torch.cat((torch.zeros(32, 1, dtype=torch.long), targets[:, :-1]), dim=1)
     optimizer = torch.optim.AdamW(m.parameters(), lr=5e-3)
-    for _ in range(150):
+    # 300 steps: at 150 the copy-path model had it on an AMD EPYC Zen 3 but not on a Zen 4
+    # (seeds 0-3 all pass at 300 on the Zen 4, with the loss near 0.002).
+    for _ in range(300):
         loss = F.cross_entropy(m(sources, decoder_in).reshape(-1, 12), targets.reshape(-1))
         optimizer.zero_grad()
         loss.backward()
