@@ -199,3 +199,42 @@ def test_gpu_trains_every_task_compiled(task, workspace):
 def test_multi_gpu_strategies_train(option, workspace):
     out = run_entry("train.py", *workspace.args, *SHORT, f"hardware={option}")
     assert json.loads((run_folders(out)[-1] / "results.json").read_text())["steps"] == 2
+
+
+def test_a_measured_precision_is_kept_for_the_model_and_a_resume_keeps_its_own(monkeypatch,
+                                                                              tmp_path):
+    """Timings under load once gave two runs of one command different arithmetic (and a
+    resumed run another precision than its first half): auto measures once per model."""
+    from types import SimpleNamespace
+
+    from gptlab import pipeline
+
+    monkeypatch.setattr(hardware, "cpu_bf16_feature", lambda: "avx512_bf16")
+    timings = []  # a busy machine: bf16 wins the first measurement, fp32 would win the next
+    speeds = iter([{"32-true": 1.0, "bf16-mixed": 0.5}, {"32-true": 0.5, "bf16-mixed": 1.0}])
+
+    def step_timer(module, loss_of):
+        times = next(speeds)
+        return lambda precision: timings.append(precision) or times[precision]
+
+    monkeypatch.setattr(hardware, "step_timer", step_timer)
+    cfg = OmegaConf.create({"trainer": {"precision": "auto", "accelerator": "cpu"},
+                            "paths": {"cache_dir": str(tmp_path / "cache")}})
+    batch = {"input_ids": torch.zeros(4, 8, dtype=torch.long)}
+    data = SimpleNamespace(train_dataloader=lambda: [batch])
+    task = SimpleNamespace(hparams=SimpleNamespace(model_config={"n_layer": 1}),
+                           training_loss=lambda b: (torch.zeros(()), {}))
+    assert pipeline._precision(cfg, task, data, resume=None) == "bf16-mixed"
+    assert len(timings) == 2 and list((tmp_path / "cache" / "precision").glob("*.json"))
+    assert pipeline._precision(cfg, task, data, resume=None) == "bf16-mixed"
+    assert len(timings) == 2  # read back, not timed again
+    other = SimpleNamespace(hparams=SimpleNamespace(model_config={"n_layer": 2}),
+                            training_loss=task.training_loss)
+    assert pipeline._precision(cfg, other, data, resume=None) == "32-true"  # its own timing
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "machine.json").write_text(json.dumps([{"precision": "32-true"}]))
+    resume = SimpleNamespace(path=run / "checkpoints" / "last.ckpt", run_dir=run)
+    assert pipeline._precision(cfg, task, data, resume=resume) == "32-true"
+    assert len(timings) == 4

@@ -7,11 +7,16 @@ a run, because the answer depends on the machine and on the model:
 - a CPU trains in bf16 autocast only where it has native bf16 matrix units (AMX-BF16 or
   AVX512-BF16) and a training step of this very model is measured faster that way; CPUs
   without them emulate bf16 many times slower than fp32, and fp16 is slow on every CPU.
-The choice and its reason are printed at the start of the run.
+The choice and its reason are printed at the start of the run. A measured choice is kept in
+the cache folder for that machine, model and batch shape, so the next run of the same model
+gets the same arithmetic even when a timing under load would have tipped the other way, and
+a resumed run keeps the precision it trained in (pipeline.py).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import platform
 import time
@@ -20,6 +25,8 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch.utilities.seed import isolate_rng
+
+from gptlab.utils.files import write_atomic
 
 log = logging.getLogger("gptlab")
 
@@ -107,6 +114,23 @@ def resolve_precision(precision: str, accelerator: str,
     if fp32 >= BF16_MIN_SPEEDUP * bf16:
         return "bf16-mixed", f"this CPU has native bf16 ({feature}) and {speed}"
     return "32-true", f"this CPU has native bf16 ({feature}) but {speed}"
+
+
+def remembered_choice(cache_dir: str | Path, key: dict,
+                      choose: Callable[[], tuple[str, str]]) -> tuple[str, str]:
+    """choose()'s (precision, why), measured once per `key` (machine, model, batch shape) and
+    then read back from `cache_dir`/precision: two runs of one model on one machine must not
+    differ in arithmetic because one was timed while the machine was busy."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    path = Path(cache_dir) / "precision" / f"{digest}.json"
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        return saved["precision"], f"{saved['why']}; measured by an earlier run, kept in {path}"
+    precision, why = choose()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps({"precision": precision, "why": why, "key": key}, indent=2,
+                                  default=str))
+    return precision, why
 
 
 def step_timer(module: torch.nn.Module, loss_of: Callable[[], torch.Tensor],

@@ -22,6 +22,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.utilities.seed import isolate_rng
+from lightning_utilities.core.apply_func import apply_to_collection
 from omegaconf import DictConfig, OmegaConf, read_write
 from tqdm import tqdm
 
@@ -93,7 +94,7 @@ def _train(cfg: DictConfig) -> float | None:
         **({"init_from": None} if resume is not None else {}),  # the checkpoint has the weights
     )
     hardware.set_matmul_precision(cfg.get("float32_matmul_precision"), cfg.trainer.accelerator)
-    precision = _precision(cfg, task, datamodule)
+    precision = _precision(cfg, task, datamodule, resume)
     loggers = _loggers(cfg, run_dir, resume)
     trainer: L.Trainer = instantiate(
         cfg.trainer, precision=precision, logger=loggers or False,
@@ -156,19 +157,46 @@ def _check_same_tokenizer(tokenizer: Tokenizer, resume: Checkpoint) -> None:
                         f"trained with: the data changed since; a resume needs the same data")
 
 
-def _precision(cfg: DictConfig, task: GPTTask, datamodule) -> str:
-    """The configured precision, or for `auto` the one this machine runs this model best in."""
+def _precision(cfg: DictConfig, task: GPTTask, datamodule, resume: Checkpoint | None) -> str:
+    """The configured precision, or for `auto` the one this machine runs this model best in:
+    where that takes a timing (a CPU with native bf16), the one a resumed run trained in, else
+    the one measured for this model on this machine, once."""
     requested, accelerator = cfg.trainer.get("precision", "32-true"), cfg.trainer.accelerator
-    timer = None
-    if (str(requested) == hardware.AUTO and not hardware.on_gpu(accelerator)
-            and hardware.cpu_bf16_feature()):
-        with isolate_rng():
-            batch = next(iter(datamodule.train_dataloader()))
-        timer = hardware.step_timer(task, lambda: task.training_loss(batch)[0])
-    precision, why = hardware.resolve_precision(requested, accelerator, timer)
+    timed = (str(requested) == hardware.AUTO and not hardware.on_gpu(accelerator)
+             and hardware.cpu_bf16_feature())
+    if not timed:
+        precision, why = hardware.resolve_precision(requested, accelerator)
+    elif resume is not None and (trained_in := _trained_precision(resume)):
+        precision, why = trained_in, f"the run trained in it before this resume ({resume.path})"
+    else:
+        precision, why = _measured_precision(cfg, task, datamodule)
     if str(requested) == hardware.AUTO and os.environ.get("LOCAL_RANK", "0") == "0":
         print(f"precision: {precision} ({why})", flush=True)
     return precision
+
+
+def _measured_precision(cfg: DictConfig, task: GPTTask, datamodule) -> tuple[str, str]:
+    """fp32 or bf16, whichever a step on a batch of this run takes less time in, measured once
+    per machine, model and batch shape (hardware.remembered_choice)."""
+    with isolate_rng():
+        batch = next(iter(datamodule.train_dataloader()))
+    key = {"machine": hardware.machine(cfg.trainer.accelerator, hardware.AUTO),
+           "task": type(task).__name__, "model": task.hparams.model_config,
+           "batch": apply_to_collection(batch, torch.Tensor, lambda t: list(t.shape))}
+
+    def measure() -> tuple[str, str]:
+        timer = hardware.step_timer(task, lambda: task.training_loss(batch)[0])
+        return hardware.resolve_precision(hardware.AUTO, cfg.trainer.accelerator, timer)
+
+    return hardware.remembered_choice(cfg.paths.cache_dir, key, measure)
+
+
+def _trained_precision(resume: Checkpoint) -> str | None:
+    """The CPU precision the checkpoint's run last trained in (its machine.json), if any."""
+    path = resume.run_dir and resume.run_dir / "machine.json"
+    machines = json.loads(path.read_text()) if path and path.is_file() else []
+    last = machines[-1].get("precision") if machines else None
+    return last if last in ("32-true", "bf16-mixed") else None
 
 
 def _loggers(cfg: DictConfig, run_dir: Path, resume: Checkpoint | None) -> list:
