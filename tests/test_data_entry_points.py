@@ -9,11 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from gptlab.data.tokenizers import from_tiktoken_ranks
+from gptlab.data.tokenizers import Tokenizer, from_tiktoken_ranks
 from tests.conftest import REPO, metrics_column, run_entry, run_folder
 from tests.test_tokenizers import ranks_file
 
@@ -126,3 +127,17 @@ def test_the_preparation_benchmark_runs_small(tmp_path):
     for corpus in training.values():
         assert len(corpus["seconds_per_step"]) == 2 and corpus["tokens_per_s"] > 0
     assert "| Tiny Shakespeare |" in proc.stdout
+
+
+@pytest.mark.slow
+def test_the_broad_sst2_corpus_adds_every_aeslc_train_email_and_validates_on_email(workspace):
+    """data=sst2_text_broad: sst2_text_plus's 66,979 documents (captions, SST-2 phrases) and
+    the 14,436 AESLC train emails after them, so the last 10% (validation) is email text."""
+    run_entry("train.py", *workspace.args, *FAST, "data=sst2_text_broad")
+    (cache,) = (workspace.root / "cache").glob("sst2_text_broad-*")
+    meta = json.loads((cache / "meta.json").read_text())
+    assert meta["documents"] == 66_979 + 14_436
+    val = np.concatenate([np.fromfile(cache / shard["file"], dtype=meta["dtype"])
+                          for shard in meta["splits"]["val"]["shards"]])
+    text = Tokenizer.from_str((cache / "tokenizer.json").read_text()).decode(val.tolist())
+    assert text.count("@subject") > 1000  # every email ends with its sender's subject
