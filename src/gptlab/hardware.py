@@ -15,7 +15,6 @@ a resumed run keeps the precision it trained in (pipeline.py).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import platform
@@ -26,6 +25,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.utilities.seed import isolate_rng
 
+from gptlab.data.documents import digest
 from gptlab.utils.files import write_atomic
 
 log = logging.getLogger("gptlab")
@@ -68,6 +68,12 @@ def machine(accelerator: str, precision: str, processes: int = 1) -> dict:
     if on_gpu(accelerator):
         info["gpu"] = torch.cuda.get_device_name()
     return info
+
+
+def recorded_machines(run_dir: Path) -> list[dict]:
+    """The machines a run trained on, from its machine.json (none before runs recorded it)."""
+    path = Path(run_dir) / "machine.json"
+    return json.loads(path.read_text()) if path.is_file() else []
 
 
 def describe_machine(info: dict) -> str:
@@ -121,15 +127,13 @@ def remembered_choice(cache_dir: str | Path, key: dict,
     """choose()'s (precision, why), measured once per `key` (machine, model, batch shape) and
     then read back from `cache_dir`/precision: two runs of one model on one machine must not
     differ in arithmetic because one was timed while the machine was busy."""
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    path = Path(cache_dir) / "precision" / f"{digest}.json"
+    path = Path(cache_dir) / "precision" / f"{digest(key)[:16]}.json"
     if path.is_file():
         saved = json.loads(path.read_text())
         return saved["precision"], f"{saved['why']}; measured by an earlier run, kept in {path}"
     precision, why = choose()
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, json.dumps({"precision": precision, "why": why, "key": key}, indent=2,
-                                  default=str))
+    write_atomic(path, json.dumps({"precision": precision, "why": why, "key": key}, indent=2))
     return precision, why
 
 

@@ -193,8 +193,7 @@ def _measured_precision(cfg: DictConfig, task: GPTTask, datamodule) -> tuple[str
 
 def _trained_precision(resume: Checkpoint) -> str | None:
     """The CPU precision the checkpoint's run last trained in (its machine.json), if any."""
-    path = resume.run_dir and resume.run_dir / "machine.json"
-    machines = json.loads(path.read_text()) if path and path.is_file() else []
+    machines = hardware.recorded_machines(resume.run_dir) if resume.run_dir else []
     last = machines[-1].get("precision") if machines else None
     return last if last in ("32-true", "bf16-mixed") else None
 
@@ -341,10 +340,9 @@ def _record_machine(run_dir: Path, info: dict) -> None:
     """Add the machine this run trains on to machine.json (a list: a resumed run may move)."""
     info = info | {"description": hardware.describe_machine(info)}
     print(f"machine: {info['description']}", flush=True)
-    path = run_dir / "machine.json"
-    machines = json.loads(path.read_text()) if path.is_file() else []
+    machines = hardware.recorded_machines(run_dir)
     if info not in machines:
-        write_atomic(path, json.dumps(machines + [info], indent=2) + "\n")
+        write_atomic(run_dir / "machine.json", json.dumps(machines + [info], indent=2) + "\n")
 
 
 def _report_training(task: GPTTask, results: dict, metric: str, run_dir: Path) -> None:

@@ -46,6 +46,7 @@ import torch
 import yaml
 
 from gptlab.errors import UserError
+from gptlab.hardware import recorded_machines
 from gptlab.models import GPTConfig, build_model
 
 RUN_COLUMNS = ["run", "params", "steps", "tokens", "wall_s"]
@@ -141,8 +142,7 @@ def load_run(folder: Path) -> Run:
 def machines(folder: Path) -> list[str]:
     """Where the run trained (machine.json; several if it resumed elsewhere; none before
     runs recorded it)."""
-    path = folder / "machine.json"
-    return [m["description"] for m in json.loads(path.read_text())] if path.is_file() else []
+    return [m["description"] for m in recorded_machines(folder)]
 
 
 def evaluations(folder: Path) -> dict[str, float]:
