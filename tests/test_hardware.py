@@ -220,7 +220,8 @@ def test_a_measured_precision_is_kept_for_the_model_and_a_resume_keeps_its_own(m
     monkeypatch.setattr(hardware, "step_timer", step_timer)
     cfg = OmegaConf.create({"trainer": {"precision": "auto", "accelerator": "cpu"},
                             "paths": {"cache_dir": str(tmp_path / "cache")}})
-    batch = {"input_ids": torch.zeros(4, 8, dtype=torch.long)}
+    # a batch may carry objects that are not JSON (the agent's turns to generate)
+    batch = {"input_ids": torch.zeros(4, 8, dtype=torch.long), "turns": [[object()]]}
     data = SimpleNamespace(train_dataloader=lambda: [batch])
     task = SimpleNamespace(hparams=SimpleNamespace(model_config={"n_layer": 1}),
                            training_loss=lambda b: (torch.zeros(()), {}))

@@ -182,13 +182,22 @@ def _measured_precision(cfg: DictConfig, task: GPTTask, datamodule) -> tuple[str
         batch = next(iter(datamodule.train_dataloader()))
     key = {"machine": hardware.machine(cfg.trainer.accelerator, hardware.AUTO),
            "task": type(task).__name__, "model": task.hparams.model_config,
-           "batch": apply_to_collection(batch, torch.Tensor, lambda t: list(t.shape))}
+           "batch": _tensor_shapes(batch)}
 
     def measure() -> tuple[str, str]:
         timer = hardware.step_timer(task, lambda: task.training_loss(batch)[0])
         return hardware.resolve_precision(hardware.AUTO, cfg.trainer.accelerator, timer)
 
     return hardware.remembered_choice(cfg.paths.cache_dir, key, measure)
+
+
+def _tensor_shapes(batch) -> list[list[int]]:
+    """The shapes of a batch's tensors, in order: what a step's speed depends on (a batch may
+    also carry objects, such as the agent's turns to generate, that are neither tensors nor
+    JSON)."""
+    shapes = []
+    apply_to_collection(batch, torch.Tensor, lambda t: shapes.append(list(t.shape)))
+    return shapes
 
 
 def _trained_precision(resume: Checkpoint) -> str | None:
