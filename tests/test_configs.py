@@ -88,7 +88,8 @@ def test_every_data_class_a_config_names_may_be_rebuilt_from_a_checkpoint():
     assert named and named <= ALLOWED_TARGETS
 
 
-def test_the_sst2_recipe_pools_the_mean_and_gpt1s_reproductions_the_extract_token():
-    assert compose_train("experiment=sst2_finetune").task.pooling == "mean"
+def test_the_sst2_recipe_settings_and_gpt1s_extract_token():
+    recipe = compose_train("experiment=sst2_finetune").task
+    assert (recipe.pooling, recipe.aux_lm_weight) == ("mean", 0.0)
     for experiment in ("gpt1_ablation", "gpt1_layers"):  # as GPT-1 does
         assert compose_train(f"experiment={experiment}").task.pooling == "last"
