@@ -180,7 +180,7 @@ def test_the_step_timer_leaves_the_run_unchanged():
                                 {"warmup_steps": 1, "min_lr_ratio": 0.1})
     x, y = next(iter(batches(1)))
     state = torch.get_rng_state()
-    seconds = hardware.step_timer(task, lambda: task.training_loss((x, y))[0])("32-true")
+    seconds = hardware.step_timer(task, [lambda: task.training_loss((x, y))[0]])("32-true")
     assert seconds > 0 and torch.equal(torch.get_rng_state(), state)
     assert all(p.grad is None for p in task.parameters())
 
@@ -213,29 +213,32 @@ def test_a_measured_precision_is_kept_for_the_model_and_a_resume_keeps_its_own(m
     timings = []  # a busy machine: bf16 wins the first measurement, fp32 would win the next
     speeds = iter([{"32-true": 1.0, "bf16-mixed": 0.5}, {"32-true": 0.5, "bf16-mixed": 1.0}])
 
-    def step_timer(module, loss_of):
+    def step_timer(module, steps):
         times = next(speeds)
         return lambda precision: timings.append(precision) or times[precision]
 
     monkeypatch.setattr(hardware, "step_timer", step_timer)
     cfg = OmegaConf.create({"trainer": {"precision": "auto", "accelerator": "cpu"},
                             "paths": {"cache_dir": str(tmp_path / "cache")}})
-    # a batch may carry objects that are not JSON (the agent's turns to generate)
-    batch = {"input_ids": torch.zeros(4, 8, dtype=torch.long), "turns": [[object()]]}
-    data = SimpleNamespace(train_dataloader=lambda: [batch])
+    def data(length: int) -> SimpleNamespace:
+        # a batch may carry objects that are not JSON (the agent's turns to generate)
+        batch = {"input_ids": torch.zeros(4, length, dtype=torch.long), "turns": [[object()]]}
+        return SimpleNamespace(train_dataloader=lambda: [batch])
+
     task = SimpleNamespace(hparams=SimpleNamespace(model_config={"n_layer": 1}),
                            training_loss=lambda b: (torch.zeros(()), {}))
-    assert pipeline._precision(cfg, task, data, resume=None) == "bf16-mixed"
+    assert pipeline._precision(cfg, task, data(8), resume=None) == "bf16-mixed"
     assert len(timings) == 2 and list((tmp_path / "cache" / "precision").glob("*.json"))
-    assert pipeline._precision(cfg, task, data, resume=None) == "bf16-mixed"
+    # another seed of a sweep: its first batches have other lengths, the choice stays
+    assert pipeline._precision(cfg, task, data(5), resume=None) == "bf16-mixed"
     assert len(timings) == 2  # read back, not timed again
     other = SimpleNamespace(hparams=SimpleNamespace(model_config={"n_layer": 2}),
                             training_loss=task.training_loss)
-    assert pipeline._precision(cfg, other, data, resume=None) == "32-true"  # its own timing
+    assert pipeline._precision(cfg, other, data(8), resume=None) == "32-true"  # its own timing
 
     run = tmp_path / "run"
     run.mkdir()
     (run / "machine.json").write_text(json.dumps([{"precision": "32-true"}]))
     resume = SimpleNamespace(path=run / "checkpoints" / "last.ckpt", run_dir=run)
-    assert pipeline._precision(cfg, task, data, resume=resume) == "32-true"
+    assert pipeline._precision(cfg, task, data(8), resume=resume) == "32-true"
     assert len(timings) == 4

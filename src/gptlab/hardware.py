@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -100,8 +101,8 @@ def resolve_precision(precision: str, accelerator: str,
                       time_step: Callable[[str], float] | None = None) -> tuple[str, str]:
     """(Lightning precision, why) for the configured `precision`, which may be "auto".
 
-    `time_step(precision)` times one training step of the run's model; without it (evaluation)
-    a CPU keeps fp32.
+    `time_step(precision)` times a few training steps of the run's model; without it
+    (evaluation) a CPU keeps fp32.
     """
     if str(precision) != AUTO:
         return str(precision), "set by the configuration"
@@ -116,7 +117,7 @@ def resolve_precision(precision: str, accelerator: str,
     if time_step is None:
         return "32-true", "evaluation keeps fp32 on CPUs"
     fp32, bf16 = time_step("32-true"), time_step("bf16-mixed")
-    speed = f"a training step took {bf16 * 1e3:.0f} ms in bf16 and {fp32 * 1e3:.0f} ms in fp32"
+    speed = f"timed training steps took {bf16 * 1e3:.0f} ms in bf16 and {fp32 * 1e3:.0f} ms in fp32"
     if fp32 >= BF16_MIN_SPEEDUP * bf16:
         return "bf16-mixed", f"this CPU has native bf16 ({feature}) and {speed}"
     return "32-true", f"this CPU has native bf16 ({feature}) but {speed}"
@@ -137,26 +138,29 @@ def remembered_choice(cache_dir: str | Path, key: dict,
     return precision, why
 
 
-def step_timer(module: torch.nn.Module, loss_of: Callable[[], torch.Tensor],
-               repeats: int = 3) -> Callable[[str], float]:
-    """A `time_step` for resolve_precision: median seconds of forward + backward.
+def step_timer(module: torch.nn.Module, steps: list[Callable[[], torch.Tensor]],
+               repeats: int = 2) -> Callable[[str], float]:
+    """A `time_step` for resolve_precision: the seconds of forward + backward over `steps`
+    (one loss each, e.g. one per batch), each the median of `repeats`.
 
     Runs in a forked RNG state and clears the gradients, so the run itself is unchanged.
     """
 
+    def seconds(loss_of: Callable[[], torch.Tensor], autocast: bool) -> float:
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = loss_of()
+        loss.backward()
+        return time.perf_counter() - start
+
     def time_step(precision: str) -> float:
-        dtype = torch.bfloat16 if precision.startswith("bf16") else None
-        times = []
+        autocast = precision.startswith("bf16")
         with isolate_rng():
-            for i in range(repeats + 1):  # the first call warms up kernels and allocator
-                start = time.perf_counter()
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
-                    loss = loss_of()
-                loss.backward()
-                if i:
-                    times.append(time.perf_counter() - start)
+            seconds(steps[0], autocast)  # warms up kernels and allocator
+            total = sum(statistics.median(seconds(step, autocast) for _ in range(repeats))
+                        for step in steps)
         module.zero_grad(set_to_none=True)
-        return sorted(times)[len(times) // 2]
+        return total
 
     return time_step
 

@@ -6,6 +6,7 @@ them. train() returns the metric a Hydra sweeper optimises (cfg.optimized_metric
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -22,7 +23,6 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.utilities.seed import isolate_rng
-from lightning_utilities.core.apply_func import apply_to_collection
 from omegaconf import DictConfig, OmegaConf, read_write
 from tqdm import tqdm
 
@@ -57,6 +57,9 @@ log = logging.getLogger("gptlab")
 
 LOWER_IS_BETTER = ("loss", "ppl", "bpb")  # validation metrics; all others are better higher
 CORPUS_TARGET = "gptlab.data.lm_datamodule.LMDataModule"
+# precision auto times this many training batches: variable-length data (fine-tuning) gives
+# batches of other lengths, and one short batch once made bf16 look slower than fp32
+TIMED_BATCHES = 4
 
 
 def _instantiate_all(group: DictConfig | None) -> list:
@@ -176,28 +179,23 @@ def _precision(cfg: DictConfig, task: GPTTask, datamodule, resume: Checkpoint | 
 
 
 def _measured_precision(cfg: DictConfig, task: GPTTask, datamodule) -> tuple[str, str]:
-    """fp32 or bf16, whichever a step on a batch of this run takes less time in, measured once
-    per machine, model and batch shape (hardware.remembered_choice)."""
+    """fp32 or bf16, whichever the first training batches take less time in, measured once
+    per machine, model and data (hardware.remembered_choice). The key leaves out the seed
+    and the batches' shapes: the seeds of a sweep draw batches of other lengths, and must
+    still train in one arithmetic."""
     with isolate_rng():
-        batch = next(iter(datamodule.train_dataloader()))
+        batches = list(itertools.islice(datamodule.train_dataloader(), TIMED_BATCHES))
+    data = cfg.get("data") or {}
     key = {"machine": hardware.machine(cfg.trainer.accelerator, hardware.AUTO),
            "task": type(task).__name__, "model": task.hparams.model_config,
-           "batch": _tensor_shapes(batch)}
+           "data": {"name": data.get("name"), "batch_size": data.get("batch_size")}}
 
     def measure() -> tuple[str, str]:
-        timer = hardware.step_timer(task, lambda: task.training_loss(batch)[0])
+        steps = [lambda batch=batch: task.training_loss(batch)[0] for batch in batches]
+        timer = hardware.step_timer(task, steps)
         return hardware.resolve_precision(hardware.AUTO, cfg.trainer.accelerator, timer)
 
     return hardware.remembered_choice(cfg.paths.cache_dir, key, measure)
-
-
-def _tensor_shapes(batch) -> list[list[int]]:
-    """The shapes of a batch's tensors, in order: what a step's speed depends on (a batch may
-    also carry objects, such as the agent's turns to generate, that are neither tensors nor
-    JSON)."""
-    shapes = []
-    apply_to_collection(batch, torch.Tensor, lambda t: shapes.append(list(t.shape)))
-    return shapes
 
 
 def _trained_precision(resume: Checkpoint) -> str | None:
