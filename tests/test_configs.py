@@ -90,6 +90,6 @@ def test_every_data_class_a_config_names_may_be_rebuilt_from_a_checkpoint():
 
 def test_the_sst2_recipe_settings_and_gpt1s_extract_token():
     recipe = compose_train("experiment=sst2_finetune").task
-    assert (recipe.pooling, recipe.aux_lm_weight) == ("mean", 0.0)
+    assert (recipe.pooling, recipe.aux_lm_weight) == ("max", 0.0)
     for experiment in ("gpt1_ablation", "gpt1_layers"):  # as GPT-1 does
         assert compose_train(f"experiment={experiment}").task.pooling == "last"

@@ -72,8 +72,9 @@ def test_the_head_reads_the_last_real_token_not_padding():
     assert not torch.allclose(short, cut)
 
 
-def test_mean_pooling_ignores_padding_too():
-    task = classifier(pooling="mean").eval()
+@pytest.mark.parametrize("pooling", ["mean", "max"])
+def test_mean_and_max_pooling_ignore_padding_too(pooling):
+    task = classifier(pooling=pooling).eval()
     rows = [TOKENIZER.encode("abc"), TOKENIZER.encode("xyz abc.")]
     lengths = torch.tensor([len(r) for r in rows])
     torch.testing.assert_close(task(pad(rows), lengths)[0],

@@ -35,7 +35,7 @@ from gptlab.models.gpt import (
     apply_rotary,
     split_heads,
 )
-from gptlab.tasks.classification import ClassificationTask
+from gptlab.tasks.classification import POOLINGS, ClassificationTask, pooled_shares
 from gptlab.tasks.seq2seq import Seq2SeqTask
 from tests.conftest import REPO, run_entry, run_folder
 
@@ -142,7 +142,7 @@ def classifier(pooling: str = "last") -> ClassificationTask:
                               pooling=pooling, tokenizer=TOKENIZER).eval()
 
 
-@pytest.mark.parametrize("pooling", ["last", "mean"])
+@pytest.mark.parametrize("pooling", POOLINGS)
 def test_a_classifiers_attribution_covers_every_token_and_is_not_trivial(pooling):
     task = classifier(pooling)
     explanation = explain_classifier(task, "a gorgeous, witty movie.", None)
@@ -161,6 +161,13 @@ def test_a_classifiers_attribution_covers_every_token_and_is_not_trivial(pooling
     assert all(p.grad is None for p in task.parameters())  # the weights were left alone
     with pytest.raises(UserError, match="label=neutral is not a class"):
         explain_classifier(task, "a film", "neutral")
+
+
+def test_pooled_shares_say_where_each_pooling_reads():
+    hidden = torch.tensor([[3.0, 0.0, 1.0, 5.0], [1.0, 2.0, 4.0, 0.0], [0.0, 1.0, 0.0, 1.0]])
+    assert pooled_shares(hidden, "last").tolist() == [0.0, 0.0, 1.0]
+    assert pooled_shares(hidden, "max").tolist() == [0.5, 0.5, 0.0]  # 2 features each
+    torch.testing.assert_close(pooled_shares(hidden, "mean"), torch.full((3,), 1 / 3))
 
 
 def test_pictures_and_tables_are_written(tmp_path):

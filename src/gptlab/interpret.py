@@ -17,7 +17,8 @@ writes PNG pictures (by default into <run folder>/interpret/<text>-<hash>/):
   dotted with that embedding: signed) and attention rollout (Abnar &
   Zuidema 2020: the head-averaged attention of every layer plus the identity for the
   residual path, rows renormalised, multiplied through the layers, read at the pooled
-  position: each token's share, summing to 1), as coloured text (`attribution.png`) and as a
+  positions, each weighted by its share of the pooled vector: each token's share, summing
+  to 1), as coloured text (`attribution.png`) and as a
   table, printed and written as `attribution.md` and `attribution.csv`.
 
 The models compute attention with scaled_dot_product_attention, which returns no weights.
@@ -48,6 +49,7 @@ from gptlab.data.finetune import encode_sources, encode_texts, eos_id, separator
 from gptlab.data.tokenizers import EOS_TOKEN, Tokenizer
 from gptlab.errors import UserError
 from gptlab.models.gpt import ScaledDotProduct
+from gptlab.tasks.classification import pooled_shares
 from gptlab.utils.files import save_atomic, write_atomic
 
 MAX_LABELLED_TOKENS = 64  # more tokens than this: the axes of a map are not labelled
@@ -228,7 +230,7 @@ def explain_classifier(task, text: str, label: str | None) -> Explanation:
     hook = task.model.wte.register_forward_hook(lambda module, args, out: embeddings.append(out))
     try:
         with torch.enable_grad(), record_attention(task.model) as captured:
-            logits, _ = task(torch.tensor([ids]), torch.tensor([len(ids)]))
+            logits, hidden = task(torch.tensor([ids]), torch.tensor([len(ids)]))
     finally:
         hook.remove()
     probabilities = logits.detach().softmax(-1)[0]
@@ -239,7 +241,7 @@ def explain_classifier(task, text: str, label: str | None) -> Explanation:
     gradient_x_input = (grad * embeddings[0]).sum(-1)[0].detach()
     maps = attention_maps(captured)
     rollout = attention_rollout(maps["self"])
-    pooled = rollout[-1] if task.hparams.pooling == "last" else rollout.mean(0)
+    pooled = pooled_shares(hidden[0].detach().float(), task.hparams.pooling) @ rollout
     tokens = token_labels(task.tokenizer, ids)
     attribution = Attribution(tokens, task.labels[index], float(probabilities[index]),
                               gradient_x_input.tolist(), pooled.tolist())

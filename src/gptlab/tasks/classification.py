@@ -1,8 +1,9 @@
 """Classification fine-tuning: -sum_i log P(y_i | x_i), plus GPT-1's auxiliary LM loss.
 
 The GPT reads `text <|endoftext|>`; a linear head maps the hidden state of that last real
-token (GPT-1's extract token; `pooling=last`) or the mean over the real tokens
-(`pooling=mean`) to class logits. With `aux_lm_weight` = lambda > 0 the loss adds
+token (GPT-1's extract token; `pooling=last`), the mean over the real tokens
+(`pooling=mean`) or their feature-wise maximum (`pooling=max`, as in Kim's 2014 sentence
+CNN) to class logits. With `aux_lm_weight` = lambda > 0 the loss adds
 lambda * (next-token loss on the same inputs), as in GPT-1 (lambda = 0.5 there).
 """
 
@@ -23,7 +24,7 @@ from gptlab.data.lm_datamodule import IGNORE_INDEX
 from gptlab.errors import UserError
 from gptlab.tasks.base import GPTTask, lm_loss
 
-POOLINGS = ("last", "mean")
+POOLINGS = ("last", "mean", "max")
 
 
 def pool(hidden: torch.Tensor, lengths: torch.Tensor, how: str) -> torch.Tensor:
@@ -31,7 +32,20 @@ def pool(hidden: torch.Tensor, lengths: torch.Tensor, how: str) -> torch.Tensor:
     if how == "last":
         return hidden[torch.arange(hidden.size(0), device=hidden.device), lengths - 1]
     real = torch.arange(hidden.size(1), device=hidden.device)[None, :] < lengths[:, None]
+    if how == "max":
+        return hidden.masked_fill(~real[..., None], float("-inf")).amax(1)
     return (hidden * real[..., None]).sum(1) / lengths[:, None]
+
+
+def pooled_shares(hidden: torch.Tensor, how: str) -> torch.Tensor:
+    """(T, C) hidden states of one unpadded text -> (T,): each position's share of the pooled
+    vector (the last one alone, all alike, or as many features as each supplies the max)."""
+    length, width = hidden.shape
+    if how == "last":
+        return F.one_hot(torch.tensor(length - 1), length).to(hidden.dtype)
+    if how == "max":
+        return torch.bincount(hidden.argmax(0), minlength=length).to(hidden.dtype) / width
+    return torch.full((length,), 1 / length, dtype=hidden.dtype)
 
 
 class ClassificationTask(GPTTask):
