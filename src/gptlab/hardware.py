@@ -125,7 +125,7 @@ def resolve_precision(precision: str, accelerator: str,
 
 def remembered_choice(cache_dir: str | Path, key: dict,
                       choose: Callable[[], tuple[str, str]]) -> tuple[str, str]:
-    """choose()'s (precision, why), measured once per `key` (machine, model, batch shape) and
+    """choose()'s (precision, why), measured once per `key` (machine, model, data) and
     then read back from `cache_dir`/precision: two runs of one model on one machine must not
     differ in arithmetic because one was timed while the machine was busy."""
     path = Path(cache_dir) / "precision" / f"{digest(key)[:16]}.json"
