@@ -183,14 +183,14 @@ def _measured_precision(cfg: DictConfig, task: GPTTask, datamodule) -> tuple[str
     per machine, model and data (hardware.remembered_choice). The key leaves out the seed
     and the batches' shapes: the seeds of a sweep draw batches of other lengths, and must
     still train in one arithmetic."""
-    with isolate_rng():
-        batches = list(itertools.islice(datamodule.train_dataloader(), TIMED_BATCHES))
     data = cfg.get("data") or {}
     key = {"machine": hardware.machine(cfg.trainer.accelerator, hardware.AUTO),
            "task": type(task).__name__, "model": task.hparams.model_config,
            "data": {"name": data.get("name"), "batch_size": data.get("batch_size")}}
 
-    def measure() -> tuple[str, str]:
+    def measure() -> tuple[str, str]:  # reads batches only when no earlier run measured
+        with isolate_rng():
+            batches = list(itertools.islice(datamodule.train_dataloader(), TIMED_BATCHES))
         steps = [lambda batch=batch: task.training_loss(batch)[0] for batch in batches]
         timer = hardware.step_timer(task, steps)
         return hardware.resolve_precision(hardware.AUTO, cfg.trainer.accelerator, timer)
