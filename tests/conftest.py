@@ -15,9 +15,12 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
 
-# Tests read the data sets from a local mirror, never from the network.
+# Tests read the data sets from a local mirror, never from the network. Made absolute:
+# entry points started in another folder (cwd=tmp_path) must find the same mirror.
 if "GPTLAB_DATA_MIRROR" not in os.environ and SHARED_DATA.is_dir():
     os.environ["GPTLAB_DATA_MIRROR"] = str(SHARED_DATA)
+if os.environ.get("GPTLAB_DATA_MIRROR"):
+    os.environ["GPTLAB_DATA_MIRROR"] = str(Path(os.environ["GPTLAB_DATA_MIRROR"]).resolve())
 os.environ.setdefault("WANDB_MODE", "offline")
 # Under pytest-xdist (make test runs one worker per core), each worker and the entry points
 # it starts use one thread: two workers of two threads each on two cores run slower.

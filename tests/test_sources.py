@@ -210,3 +210,17 @@ def test_a_package_that_ships_the_file_serves_it_when_its_hash_matches(no_mirror
                        package_asset=("shipper", "assets/ranks.txt"))
     with pytest.raises(UserError, match="cannot download"):  # a copy of other bytes is no copy
         locate(other, download_dir=tmp_path / "dl")
+
+
+def test_a_relative_mirror_without_the_file_is_named_where_it_was_looked_in(tmp_path,
+                                                                           monkeypatch):
+    """A mirror set relative to another folder: the error says where it pointed from here."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(sources.MIRROR_ENV, "../shared/data")
+    file = RemoteFile("x/input.txt", closed_port_url(), sha(PAYLOAD))
+    expected = f"GPTLAB_DATA_MIRROR=../shared/data \\(here {tmp_path.parent}/shared/data\\) "
+    with pytest.raises(UserError, match=expected + "holds no x/input.txt"):
+        locate(file, download_dir=tmp_path / "dl")
+    monkeypatch.setenv(sources.OFFLINE_ENV, "1")
+    with pytest.raises(UserError, match="not available offline.*" + expected):
+        locate(file, download_dir=tmp_path / "dl")

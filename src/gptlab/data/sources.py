@@ -415,12 +415,21 @@ def _download(file: RemoteFile, target: Path) -> None:
         os.replace(extracted, target)
 
 
+def _mirror_hint(relpath: str) -> str:
+    """How to point the mirror at the file, saying where a mirror that is set was looked in
+    (a relative path is read from the current folder, which need not be the repository)."""
+    mirror = os.environ.get(MIRROR_ENV)
+    if not mirror:
+        return f"set {MIRROR_ENV} to a folder that holds {relpath}"
+    return (f"{MIRROR_ENV}={mirror} (here {Path(mirror).resolve()}) holds no {relpath}: "
+            f"point it at a folder that does")
+
+
 def _fetch(file: RemoteFile | RemoteFolder, dest: Path) -> None:
     if os.environ.get(OFFLINE_ENV, "") not in ("", "0"):
         raise UserError(
             f"{file.relpath} is not available offline ({OFFLINE_ENV} is set, so {file.url} "
-            f"is not downloaded); set {MIRROR_ENV} to a folder that holds {file.relpath}, or "
-            "pass the file's path"
+            f"is not downloaded); {_mirror_hint(file.relpath)}, or pass the file's path"
         )
     try:
         with urllib.request.urlopen(file.url, timeout=TIMEOUT_S) as response, open(dest, "wb") as f:
@@ -438,8 +447,7 @@ def _fetch(file: RemoteFile | RemoteFolder, dest: Path) -> None:
     except (OSError, http.client.HTTPException) as exc:
         raise UserError(
             f"cannot download {file.relpath} from {file.url} ({_reason(exc)}); without a "
-            f"network, set {MIRROR_ENV} to a folder that holds {file.relpath}, or pass the "
-            "file's path"
+            f"network, {_mirror_hint(file.relpath)}, or pass the file's path"
         ) from exc
 
 
