@@ -8,6 +8,7 @@ import http.server
 import io
 import json
 import os
+import re
 import socket
 import threading
 import zipfile
@@ -218,7 +219,8 @@ def test_a_relative_mirror_without_the_file_is_named_where_it_was_looked_in(tmp_
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv(sources.MIRROR_ENV, "../shared/data")
     file = RemoteFile("x/input.txt", closed_port_url(), sha(PAYLOAD))
-    expected = f"GPTLAB_DATA_MIRROR=../shared/data \\(here {tmp_path.parent}/shared/data\\) "
+    here = tmp_path.resolve().parent / "shared" / "data"
+    expected = re.escape(f"GPTLAB_DATA_MIRROR=../shared/data (here {here}) ")
     with pytest.raises(UserError, match=expected + "holds no x/input.txt"):
         locate(file, download_dir=tmp_path / "dl")
     monkeypatch.setenv(sources.OFFLINE_ENV, "1")
