@@ -166,9 +166,9 @@ def folder_digest(folder: Path) -> str:
 
 def locate_folder(folder: RemoteFolder, download_dir: Path | None = None) -> Path:
     """A local copy of the folder: the mirror's, an earlier download, or a new download."""
-    mirror = os.environ.get(MIRROR_ENV)
-    if mirror and (Path(mirror) / folder.relpath).is_dir():
-        candidate = Path(mirror) / folder.relpath
+    mirror = _mirror()
+    if mirror and (mirror / folder.relpath).is_dir():
+        candidate = mirror / folder.relpath
         actual = folder_digest(candidate)
         if actual != folder.digest:
             raise UserError(
@@ -363,11 +363,17 @@ def _user_path(path: Path, file: RemoteFile) -> Path:
     return path
 
 
-def _mirror_copy(file: RemoteFile) -> Path | None:
+def _mirror() -> Path | None:
+    """The mirror folder, if set; a relative path is read from the current folder."""
     mirror = os.environ.get(MIRROR_ENV)
+    return Path(mirror) if mirror else None
+
+
+def _mirror_copy(file: RemoteFile) -> Path | None:
+    mirror = _mirror()
     if not mirror:
         return None
-    candidate = Path(mirror) / file.relpath
+    candidate = mirror / file.relpath
     if not candidate.is_file():
         return None
     actual = sha256_of(candidate)
@@ -417,11 +423,11 @@ def _download(file: RemoteFile, target: Path) -> None:
 
 def _mirror_hint(relpath: str) -> str:
     """How to point the mirror at the file, saying where a mirror that is set was looked in
-    (a relative path is read from the current folder, which need not be the repository)."""
-    mirror = os.environ.get(MIRROR_ENV)
+    (a relative one resolves from the current folder, which need not be the repository)."""
+    mirror = _mirror()
     if not mirror:
         return f"set {MIRROR_ENV} to a folder that holds {relpath}"
-    return (f"{MIRROR_ENV}={mirror} (here {Path(mirror).resolve()}) holds no {relpath}: "
+    return (f"{MIRROR_ENV}={mirror} (here {mirror.resolve()}) holds no {relpath}: "
             f"point it at a folder that does")
 
 
